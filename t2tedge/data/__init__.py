@@ -1,0 +1,1 @@
+"""Datasets (image folder, file list, bundled Fashion-MNIST) and eval transforms."""
