@@ -1,0 +1,226 @@
+"""The `t2tedge` command line."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from t2tedge.errors import T2tedgeError
+
+app = typer.Typer(
+    help="Compile T2T-ViT and MobileNet baselines for edge targets, validate and compare them.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+out = Console()
+
+
+@app.command()
+def models(
+    macs: Annotated[bool, typer.Option(help="count GMACs at the default size (takes a few seconds)")] = True,
+) -> None:
+    """List the model zoo: counted params and GMACs beside the paper's numbers."""
+    from t2tedge.models import list_specs
+    from t2tedge.models.counting import count_macs, count_params
+    from t2tedge.progress import track
+
+    table = Table(title="t2tedge model zoo (counted at the default input size, 1000 classes)")
+    for column in (
+        "name",
+        "family",
+        "input",
+        "params (M)",
+        "GMACs",
+        "paper params (M)",
+        "paper GMACs",
+        "paper top-1",
+    ):
+        table.add_column(column, justify="left" if column in ("name", "family") else "right")
+    for spec in track(list_specs(), "counting", total=len(list_specs())):
+        model = spec.create()
+        size = spec.preprocess.input_size
+        gmacs = f"{count_macs(model, size) / 1e9:.2f}" if macs else "-"
+        paper = spec.paper
+        table.add_row(
+            spec.name,
+            spec.family,
+            str(size),
+            f"{count_params(model) / 1e6:.2f}",
+            gmacs,
+            _fmt(paper.params_m),
+            _fmt(paper.macs_g),
+            _fmt(paper.top1),
+        )
+    out.print(table)
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:g}"
+
+
+@app.command()
+def train(
+    model: Annotated[str, typer.Argument(help="zoo model name, e.g. t2t_vit_7")],
+    dataset: Annotated[
+        str, typer.Option(help="training images: 'fashion_mnist', an image folder or a CSV")
+    ] = ("fashion_mnist"),
+    test_dataset: Annotated[
+        str | None, typer.Option(help="held-out set (default: the bundled test split for fashion_mnist)")
+    ] = None,
+    epochs: Annotated[int, typer.Option(min=1)] = 3,
+    image_size: Annotated[int | None, typer.Option(help="input size (default: the model's)")] = None,
+    crop_pct: Annotated[float | None, typer.Option(help="eval crop fraction (default: the model's)")] = None,
+    batch_size: Annotated[int, typer.Option(min=1)] = 64,
+    lr: Annotated[float, typer.Option(help="peak AdamW learning rate")] = 1e-3,
+    seed: int = 0,
+    threads: Annotated[int | None, typer.Option(help="torch threads (default: all cores)")] = None,
+    checkpoint: Annotated[Path | None, typer.Option(help="start from this checkpoint (fine-tune)")] = None,
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help="checkpoint path (a .json record goes beside)")
+    ] = (Path("runs/model.pt")),
+) -> None:
+    """Train or fine-tune a zoo model; saves a checkpoint and a JSON record with held-out accuracy."""
+    from t2tedge.data.datasets import open_dataset
+    from t2tedge.errors import DatasetError
+    from t2tedge.models import get_spec
+    from t2tedge.training import TrainConfig
+    from t2tedge.training import train as run_training
+
+    spec = get_spec(model)
+    if test_dataset is None:
+        if not dataset.startswith("fashion_mnist"):
+            raise DatasetError("--test-dataset is required unless --dataset is the bundled fashion_mnist")
+        dataset, test_dataset = "fashion_mnist:train", "fashion_mnist:test"
+    cfg = TrainConfig(
+        epochs=epochs,
+        image_size=image_size,
+        crop_pct=crop_pct,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+        threads=threads,
+    )
+    record = run_training(spec, open_dataset(dataset), open_dataset(test_dataset), output, cfg, checkpoint)
+    out.print(
+        f"{model}: top-1 {record['top1']:.2f}% on {record['test_images']} held-out images after "
+        f"{epochs} epochs in {record['train_seconds']:.0f} s ({record['train_images_per_second']:.0f} img/s)"
+    )
+    out.print(f"checkpoint: {output}  record: {output.with_suffix('.json')}")
+
+
+@app.command()
+def export(
+    model: Annotated[str, typer.Argument(help="zoo model name")],
+    weights: Annotated[str, typer.Option(help="'demo', 'imagenet', 'random' or a checkpoint path")] = "demo",
+    image_size: Annotated[int | None, typer.Option(help="input size (default: the checkpoint's)")] = None,
+    dynamic_batch: Annotated[bool, typer.Option(help="export a dynamic batch axis")] = False,
+    opset: Annotated[int, typer.Option(min=17)] = 18,
+    calibration: Annotated[
+        str, typer.Option(help="real images for the parity check")
+    ] = "fashion_mnist:train",
+    output_dir: Annotated[Path, typer.Option(help="artifact store")] = Path("artifacts"),
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="also copy the ONNX file here")
+    ] = None,
+) -> None:
+    """Export a model to ONNX and check it against PyTorch on real images."""
+    from t2tedge.data.datasets import open_dataset
+    from t2tedge.pipeline.build import Builder
+    from t2tedge.pipeline.recipe import Recipe
+
+    recipe = Recipe.model_validate(
+        {
+            "models": [{"name": model, "weights": weights, "image_size": image_size}],
+            "output_dir": output_dir,
+            "export": {"opset": opset, "dynamic_batch": dynamic_batch},
+        }
+    )
+    builder = Builder(recipe)
+    ctx = builder._load(recipe.models[0])
+    artifact = builder.export(ctx, open_dataset(calibration))
+    check = artifact.manifest["parity"]
+    out.print(
+        f"{artifact.file('model.onnx')}: max |Δlogit| {check['logit_abs_err_max']:.2e}, "
+        f"top-1 agreement {check['top1_agreement']:.1f}% on {check['images']} images"
+    )
+    if output is not None:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(artifact.file("model.onnx"), output)
+        out.print(f"copied to {output}")
+
+
+@app.command()
+def build(
+    recipe: Annotated[str, typer.Argument(help="recipe YAML, or the name of a bundled one (demo)")],
+    output_dir: Annotated[Path | None, typer.Option(help="artifact store (overrides the recipe)")] = None,
+    target: Annotated[list[str] | None, typer.Option(help="target(s) (overrides the recipe)")] = None,
+    precision: Annotated[list[str] | None, typer.Option(help="precision(s) (overrides the recipe)")] = None,
+    limit: Annotated[int | None, typer.Option(help="validate on N images only")] = None,
+) -> None:
+    """Run a recipe: export, compile per target, validate; reuses artifacts whose hash exists."""
+    from t2tedge.pipeline.build import Builder
+    from t2tedge.pipeline.recipe import load_recipe
+
+    overrides = {"output_dir": output_dir, "targets": target or None, "precisions": precision or None}
+    loaded = load_recipe(recipe, overrides)
+    if limit is not None:
+        loaded = loaded.model_copy(update={"data": loaded.data.model_copy(update={"limit": limit})})
+    rows = Builder(loaded).run()
+    table = Table(title=f"{loaded.name}: accuracy on {loaded.data.validation}")
+    for column in (
+        "model",
+        "target",
+        "precision",
+        "top-1 %",
+        "top-5 %",
+        "agree vs fp32 %",
+        "label",
+        "artifact",
+    ):
+        table.add_column(column)
+    for row in rows:
+        acc = row.accuracy
+        agree = acc.get("vs_fp32_torch", {}).get("top1_agreement")
+        table.add_row(
+            row.model,
+            row.target,
+            row.precision,
+            f"{acc['top1']:.2f}" if "top1" in acc else "-",
+            f"{acc['top5']:.2f}" if "top5" in acc else "-",
+            f"{agree:.2f}" if agree is not None else "-",
+            acc["label"] + (f": {acc['reason']}" if "reason" in acc else ""),
+            row.artifact or "-",
+        )
+    out.print(table)
+    out.print(f"summary: {loaded.output_dir / (loaded.name + '-summary.json')}")
+
+
+@app.command()
+def demo(
+    output_dir: Annotated[Path, typer.Option(help="artifact store")] = Path("artifacts"),
+) -> None:
+    """Build and validate the bundled demo (T2T-ViT-7 vs MobileNetV2 on Fashion-MNIST)."""
+    build("demo", output_dir=output_dir, target=None, precision=None, limit=None)
+
+
+def main() -> None:
+    """Console entry point: user errors become one line on stderr and exit code 2."""
+    try:
+        app()
+    except T2tedgeError as exc:
+        Console(stderr=True).print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        Console(stderr=True).print("interrupted; finished artifacts are kept, unfinished ones were discarded")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,277 @@
+"""The stage runner: resolve -> export -> (quantize) -> compile -> validate, cached by content hash."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import t2tedge
+from t2tedge.calibration import select_indices
+from t2tedge.data.cache import cached_preprocess
+from t2tedge.data.datasets import ImageDataset, open_dataset
+from t2tedge.errors import CheckpointError, TargetUnavailableError
+from t2tedge.evaluation.accuracy import MEASURED, accuracy_report, run_batched, unavailable
+from t2tedge.models import LoadedModel, demo_checkpoint, get_spec, load_model, pretrained_checkpoint
+from t2tedge.pipeline.export import ONNX_FILE, export_onnx, parity, torch_logits
+from t2tedge.pipeline.recipe import ModelEntry, Recipe
+from t2tedge.pipeline.store import Artifact, ArtifactStore, sha256_file, write_json
+from t2tedge.progress import log
+from t2tedge.targets import BuildInputs, check_precision, get_target
+
+
+def resolve_weights(entry: ModelEntry) -> Path | None:
+    """Turn a recipe's `weights` into a checkpoint file (None = random init)."""
+    spec = get_spec(entry.name)
+    if entry.weights == "random":
+        return None
+    if entry.weights == "demo":
+        return demo_checkpoint(spec.name)
+    if entry.weights == "imagenet":
+        return pretrained_checkpoint(spec)
+    path = Path(entry.weights).expanduser()
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    return path
+
+
+def host_info() -> dict[str, Any]:
+    """Where the numbers were taken."""
+    return {
+        "machine": platform.machine(),
+        "processor": _cpu_model(),
+        "cores": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "platform": platform.platform(terse=True),
+    }
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+@dataclass
+class ModelContext:
+    """One model loaded once per build: its weights, export and FP32 reference on the validation set."""
+
+    entry: ModelEntry
+    loaded: LoadedModel
+    checkpoint_sha256: str | None
+
+
+@dataclass
+class ValidationSet:
+    """Preprocessed validation images with labels and the model's FP32 PyTorch logits."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    reference: np.ndarray
+    key: str
+
+
+@dataclass
+class BuildRow:
+    """One model x target x precision outcome."""
+
+    model: str
+    target: str
+    precision: str
+    artifact: str | None
+    reused: bool
+    accuracy: dict[str, Any]
+    build_seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.__dict__.copy()
+
+
+class Builder:
+    """Runs a recipe against an artifact store."""
+
+    def __init__(self, recipe: Recipe) -> None:
+        self.recipe = recipe
+        self.store = ArtifactStore(recipe.output_dir)
+        self.cache_dir = Path(recipe.output_dir) / ".cache"
+        # Fail on bad names before any long work starts.
+        for target_name in recipe.targets:
+            target = get_target(target_name)
+            for precision in recipe.precisions:
+                check_precision(target, precision)
+        for entry in recipe.models:
+            get_spec(entry.name)
+
+    def run(self) -> list[BuildRow]:
+        rows: list[BuildRow] = []
+        validation = open_dataset(self.recipe.data.validation)
+        calibration_source = open_dataset(self.recipe.data.calibration)
+        for entry in self.recipe.models:
+            ctx = self._load(entry)
+            log(f"[bold]{entry.name}[/] ({ctx.loaded.weights}, {ctx.loaded.image_size}px)")
+            exported = self.export(ctx, calibration_source)
+            val = self._validation_set(ctx, exported, validation)
+            for target_name in self.recipe.targets:
+                for precision in self.recipe.precisions:
+                    rows.append(self.build_one(ctx, exported, target_name, precision, val))
+        self._write_summary(rows)
+        return rows
+
+    def _load(self, entry: ModelEntry) -> ModelContext:
+        spec = get_spec(entry.name)
+        checkpoint = resolve_weights(entry)
+        loaded = load_model(spec, checkpoint, image_size=entry.image_size)
+        return ModelContext(entry, loaded, sha256_file(checkpoint) if checkpoint else None)
+
+    def export(self, ctx: ModelContext, calibration_source: ImageDataset) -> Artifact:
+        """Export to ONNX once per (weights, size, export config); check it against PyTorch."""
+        cfg = self.recipe.export
+        loaded = ctx.loaded
+        inputs = {
+            "stage": "export",
+            "model": loaded.spec.name,
+            "weights_sha256": ctx.checkpoint_sha256 or f"random-seed-{torch.initial_seed()}",
+            "image_size": loaded.image_size,
+            "num_classes": loaded.num_classes,
+            "opset": cfg.opset,
+            "dynamic_batch": cfg.dynamic_batch,
+            "torch": torch.__version__,
+        }
+        if ctx.checkpoint_sha256 is None:
+            # Random weights differ per process: never reuse them from the cache.
+            inputs["nonce"] = time.time_ns()
+        with self.store.build(loaded.spec.name, "export", "onnx", inputs) as job:
+            if job.done:
+                log(f"  export: reused {job.final}")
+                return job.artifact
+            started = time.perf_counter()
+            export_onnx(loaded.model, loaded.image_size, job.dir / ONNX_FILE, cfg.opset, cfg.dynamic_batch)
+            indices = select_indices(calibration_source.labels, cfg.parity_images, seed=1)
+            images, _, _ = cached_preprocess(
+                calibration_source, indices, loaded.preprocess, self.cache_dir / "tensors", "parity images"
+            )
+            from t2tedge.targets.onnxruntime import OnnxRuntimeRunner
+
+            onnx_logits = OnnxRuntimeRunner(job.dir / ONNX_FILE)(images)
+            job.manifest.update(
+                {
+                    "config": {
+                        **inputs,
+                        "preprocess": loaded.preprocess.to_dict(),
+                        "classes": loaded.classes,
+                    },
+                    "family": loaded.spec.family,
+                    "weights": loaded.weights,
+                    "parity": parity(torch_logits(loaded.model, images), onnx_logits),
+                    "seconds": round(time.perf_counter() - started, 2),
+                    "tools": {"torch": torch.__version__, "t2tedge": t2tedge.__version__},
+                }
+            )
+            log(f"  export: {job.final} (max |Δlogit| {job.manifest['parity']['logit_abs_err_max']:.2e})")
+        return job.artifact
+
+    def _validation_set(
+        self, ctx: ModelContext, exported: Artifact, validation: ImageDataset
+    ) -> ValidationSet:
+        """Preprocessed validation images, labels and FP32 PyTorch logits (cached by content)."""
+        limit = self.recipe.data.limit
+        indices = (
+            select_indices(validation.labels, limit, seed=0)
+            if limit
+            else np.arange(len(validation), dtype=np.int64)
+        )
+        images, key, _ = cached_preprocess(
+            validation, indices, ctx.loaded.preprocess, self.cache_dir / "tensors", "validation images"
+        )
+        ref_path = self.cache_dir / "reference" / f"{exported.manifest['hash'][:16]}-{key[:16]}.npy"
+        if ref_path.is_file():
+            reference = np.load(ref_path)
+        else:
+            torch.set_num_threads(self.recipe.threads or torch.get_num_threads())
+            reference = torch_logits(ctx.loaded.model, images)
+            ref_path.parent.mkdir(parents=True, exist_ok=True)
+            np.save(ref_path, reference)
+        return ValidationSet(images, validation.labels[indices], reference, key)
+
+    def build_one(
+        self,
+        ctx: ModelContext,
+        exported: Artifact,
+        target_name: str,
+        precision: str,
+        val: ValidationSet,
+    ) -> BuildRow:
+        """Build (or reuse) one artifact and validate it on the validation set."""
+        target = get_target(target_name)
+        availability = target.availability()
+        name = ctx.loaded.spec.name
+        if not availability.can_build:
+            raise TargetUnavailableError(f"{target_name} cannot build here: {availability.reason}")
+        inputs = {
+            "stage": "compile",
+            "export": exported.manifest["hash"],
+            "target": target_name,
+            "precision": precision,
+            "tools": target.tool_versions(),
+        }
+        started = time.perf_counter()
+        with self.store.build(name, target_name, precision, inputs) as job:
+            reused = job.done
+            if not job.done:
+                build_inputs = BuildInputs(
+                    onnx_path=exported.file(ONNX_FILE),
+                    image_size=ctx.loaded.image_size,
+                    num_classes=ctx.loaded.num_classes,
+                    family=ctx.loaded.spec.family,
+                    config={},
+                )
+                facts = target.build(build_inputs, precision, job.dir)
+                job.manifest.update(
+                    {"config": inputs, "build": facts, "tools": target.tool_versions(), "host": host_info()}
+                )
+        artifact = job.artifact
+        build_seconds = round(time.perf_counter() - started, 2)
+        validations = artifact.manifest.get("validation", {})
+        accuracy = validations.get(val.key[:16])
+        if accuracy is None:
+            if availability.can_run:
+                runner = target.load(artifact, threads=self.recipe.threads)
+                logits = run_batched(runner, val.images)
+                accuracy = accuracy_report(logits, val.labels, MEASURED, val.reference)
+            else:
+                accuracy = unavailable(availability.reason)
+            accuracy["dataset"] = self.recipe.data.validation
+            artifact.update_manifest(validation={val.key[:16]: accuracy})
+        verb = "reused" if reused else "built"
+        top1 = (
+            f"top-1 {accuracy['top1']:.2f}% ({accuracy['label']})"
+            if "top1" in accuracy
+            else accuracy["label"]
+        )
+        log(f"  {target_name}/{precision}: {verb} {artifact.path}; {top1}")
+        return BuildRow(name, target_name, precision, str(artifact.path), reused, accuracy, build_seconds)
+
+    def _write_summary(self, rows: list[BuildRow]) -> Path:
+        path = Path(self.recipe.output_dir) / f"{self.recipe.name}-summary.json"
+        write_json(
+            path,
+            {
+                "recipe": json.loads(self.recipe.model_dump_json()),
+                "host": host_info(),
+                "t2tedge": t2tedge.__version__,
+                "finished": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                "rows": [row.to_dict() for row in rows],
+            },
+        )
+        return path

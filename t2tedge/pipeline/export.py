@@ -1,0 +1,61 @@
+"""Export stage: PyTorch -> ONNX, checked against PyTorch on real images."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from t2tedge.evaluation.accuracy import agreement
+
+ONNX_FILE = "model.onnx"
+DEFAULT_OPSET = 18  # the torch.export-based exporter's lowest native opset; has LayerNormalization
+
+
+def export_onnx(
+    model: nn.Module, image_size: int, path: Path, opset: int = DEFAULT_OPSET, dynamic_batch: bool = False
+) -> None:
+    """Export with torch.export (fixed spatial shape; batch 1, or a dynamic batch axis)."""
+    example = (torch.zeros(1, 3, image_size, image_size),)
+    dynamic_shapes = ({0: torch.export.Dim("batch", min=1, max=1024)},) if dynamic_batch else None
+    # The exporter narrates every step on stdout/logging; keep the CLI's output ours.
+    quiet = logging.getLogger("torch.onnx")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(
+                model.eval(),
+                example,
+                dynamo=True,
+                opset_version=opset,
+                input_names=["input"],
+                output_names=["logits"],
+                dynamic_shapes=dynamic_shapes,
+                external_data=False,
+            )
+            program.save(str(path), external_data=False)
+    finally:
+        quiet.setLevel(level)
+
+
+def torch_logits(model: nn.Module, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """FP32 PyTorch logits: the reference every artifact is compared with."""
+    outs = []
+    with torch.inference_mode():
+        for i in range(0, len(images), batch_size):
+            outs.append(model(torch.from_numpy(images[i : i + batch_size])).float().numpy())
+    return np.concatenate(outs)
+
+
+def parity(reference: np.ndarray, logits: np.ndarray) -> dict[str, Any]:
+    """Export parity numbers for the manifest."""
+    return {"images": int(len(reference)), **agreement(logits, reference)}

@@ -1,0 +1,14 @@
+"""Deployment targets, one module each, behind the protocol in `base`."""
+
+from t2tedge.targets import onnxruntime  # noqa: F401  (registration side effect)
+from t2tedge.targets.base import (
+    Availability,
+    BuildInputs,
+    Runner,
+    Target,
+    check_precision,
+    get_target,
+    list_targets,
+)
+
+__all__ = ["Availability", "BuildInputs", "Runner", "Target", "check_precision", "get_target", "list_targets"]

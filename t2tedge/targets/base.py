@@ -1,0 +1,85 @@
+"""The one protocol every target implements, and the registry that finds them by name."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from t2tedge.errors import T2tedgeError
+from t2tedge.pipeline.store import Artifact
+
+
+@dataclass(frozen=True)
+class Availability:
+    """Can this host build the target's artifacts, and can it run them? If not, why."""
+
+    can_build: bool
+    can_run: bool
+    reason: str = ""
+
+
+class Runner(Protocol):
+    """Runs an artifact: NCHW float32 images in, logits out."""
+
+    def __call__(self, images: np.ndarray) -> np.ndarray: ...
+
+
+@dataclass
+class BuildInputs:
+    """What a target build consumes: the exported model and the stage config."""
+
+    onnx_path: Path
+    image_size: int
+    num_classes: int
+    family: str
+    config: dict[str, Any]
+    calibration: np.ndarray | None = None
+
+
+class Target(Protocol):
+    """A deployment target: builds artifacts from the exported model and loads them to run."""
+
+    name: str
+    precisions: tuple[str, ...]
+
+    def availability(self) -> Availability: ...
+
+    def tool_versions(self) -> dict[str, str]: ...
+
+    def build(self, inputs: BuildInputs, precision: str, out_dir: Path) -> dict[str, Any]:
+        """Write the artifact files into ``out_dir``; return facts for the manifest."""
+        ...
+
+    def load(self, artifact: Artifact, threads: int | None = None) -> Runner: ...
+
+
+_TARGETS: dict[str, Target] = {}
+
+
+def register_target(target: Target) -> Target:
+    """Add a target instance to the registry."""
+    _TARGETS[target.name] = target
+    return target
+
+
+def get_target(name: str) -> Target:
+    """A target by name; unknown names list the known ones."""
+    try:
+        return _TARGETS[name]
+    except KeyError:
+        raise T2tedgeError(f"unknown target {name!r}; known targets: {', '.join(sorted(_TARGETS))}") from None
+
+
+def list_targets() -> list[Target]:
+    return list(_TARGETS.values())
+
+
+def check_precision(target: Target, precision: str) -> None:
+    """Refuse a precision the target does not offer, listing the ones it does."""
+    if precision not in target.precisions:
+        raise T2tedgeError(
+            f"target {target.name} has no precision {precision!r}; it offers: {', '.join(target.precisions)}"
+        )

@@ -1,0 +1,111 @@
+"""Export parity, recipes and the build spine on tiny configs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from t2tedge.errors import RecipeError, T2tedgeError
+from t2tedge.models import get_spec, save_checkpoint
+from t2tedge.models.spec import Preprocess
+from t2tedge.pipeline.build import Builder
+from t2tedge.pipeline.export import export_onnx, torch_logits
+from t2tedge.pipeline.recipe import load_recipe
+from t2tedge.targets.onnxruntime import OnnxRuntimeRunner
+
+
+@pytest.mark.parametrize("name", ["t2t_vit_7", "t2t_vit_t_14", "mobilenet_v2"])
+def test_onnx_export_matches_pytorch(name: str, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = get_spec(name).create(num_classes=10, image_size=32)
+    export_onnx(model, 32, tmp_path / "m.onnx")
+    images = np.random.default_rng(0).standard_normal((4, 3, 32, 32)).astype(np.float32)
+    onnx_logits = OnnxRuntimeRunner(tmp_path / "m.onnx")(images)
+    assert onnx_logits.shape == (4, 10)
+    assert np.abs(onnx_logits - torch_logits(model, images)).max() <= 1e-4
+
+
+def test_dynamic_batch_export_runs_any_batch(tmp_path: Path) -> None:
+    model = get_spec("mobilenet_v3_small").create(num_classes=10, image_size=32)
+    export_onnx(model, 32, tmp_path / "m.onnx", dynamic_batch=True)
+    runner = OnnxRuntimeRunner(tmp_path / "m.onnx")
+    assert runner.fixed_batch is None
+    assert runner(np.zeros((3, 3, 32, 32), np.float32)).shape == (3, 10)
+
+
+def _tiny_checkpoint(tmp_path: Path, name: str = "t2t_vit_7", size: int = 32) -> Path:
+    torch.manual_seed(0)
+    model = get_spec(name).create(num_classes=10, image_size=size)
+    path = tmp_path / f"{name}.pt"
+    pre = Preprocess(input_size=size, resize_size=size, interpolation="bilinear")
+    save_checkpoint(
+        path, model, {"model": name, "classes": [str(i) for i in range(10)], "preprocess": pre.to_dict()}
+    )
+    return path
+
+
+def _recipe(tmp_path: Path, checkpoint: Path, **extra: object) -> Path:
+    recipe = {
+        "name": "tiny",
+        "output_dir": str(tmp_path / "artifacts"),
+        "models": [{"name": "t2t_vit_7", "weights": str(checkpoint)}],
+        "data": {"limit": 40},
+        "export": {"parity_images": 8},
+        **extra,
+    }
+    path = tmp_path / "recipe.yaml"
+    path.write_text(json.dumps(recipe))  # JSON is YAML
+    return path
+
+
+def test_build_exports_validates_and_reuses(tmp_path: Path) -> None:
+    recipe = load_recipe(_recipe(tmp_path, _tiny_checkpoint(tmp_path)))
+    rows = Builder(recipe).run()
+    assert len(rows) == 1 and not rows[0].reused
+    row = rows[0]
+    manifest = json.loads((Path(row.artifact) / "manifest.json").read_text())
+    assert manifest["target"] == "onnxruntime" and manifest["precision"] == "fp32"
+    (accuracy,) = manifest["validation"].values()
+    assert accuracy["label"] == "measured" and accuracy["images"] == 40
+    assert accuracy["vs_fp32_torch"]["logit_abs_err_max"] < 1e-3
+    assert accuracy["vs_fp32_torch"]["top1_agreement"] == 100.0
+    export_manifest = json.loads(
+        next((tmp_path / "artifacts" / "t2t_vit_7" / "export").glob("onnx-*/manifest.json")).read_text()
+    )
+    assert export_manifest["parity"]["images"] == 8
+    assert export_manifest["parity"]["logit_abs_err_max"] <= 1e-4
+    again = Builder(recipe).run()
+    assert again[0].reused and again[0].artifact == row.artifact
+    assert again[0].accuracy == row.accuracy
+    summary = json.loads((tmp_path / "artifacts" / "tiny-summary.json").read_text())
+    assert summary["rows"][0]["model"] == "t2t_vit_7"
+
+
+def test_recipe_errors_name_the_field(tmp_path: Path) -> None:
+    path = tmp_path / "r.yaml"
+    path.write_text("models: [t2t_vit_7]\ncalibration: {size: many}\n")
+    with pytest.raises(RecipeError, match=r"calibration\.size"):
+        load_recipe(path)
+    path.write_text("models: [t2t_vit_7]\ntargetz: [onnxruntime]\n")
+    with pytest.raises(RecipeError, match="targetz"):
+        load_recipe(path)
+    with pytest.raises(RecipeError, match="not found"):
+        load_recipe(tmp_path / "missing.yaml")
+
+
+def test_builder_refuses_unknown_names_before_work(tmp_path: Path) -> None:
+    ckpt = _tiny_checkpoint(tmp_path)
+    with pytest.raises(T2tedgeError, match="unknown target 'tensorrtx'"):
+        Builder(load_recipe(_recipe(tmp_path, ckpt, targets=["tensorrtx"])))
+    with pytest.raises(T2tedgeError, match="no precision 'int3'"):
+        Builder(load_recipe(_recipe(tmp_path, ckpt, precisions=["int3"])))
+    assert not (tmp_path / "artifacts").exists()
+
+
+def test_bundled_demo_recipe_loads() -> None:
+    recipe = load_recipe("demo")
+    assert [m.name for m in recipe.models] == ["t2t_vit_7", "mobilenet_v2"]
