@@ -68,9 +68,9 @@ def _fmt(value: float | None) -> str:
 @app.command()
 def train(
     model: Annotated[str, typer.Argument(help="zoo model name, e.g. t2t_vit_7")],
-    dataset: Annotated[
-        str, typer.Option(help="training images: 'fashion_mnist', an image folder or a CSV")
-    ] = ("fashion_mnist"),
+    dataset: Annotated[str, typer.Option(help="training images: 'fashion_mnist', an image folder or a CSV")] = (
+        "fashion_mnist"
+    ),
     test_dataset: Annotated[
         str | None, typer.Option(help="held-out set (default: the bundled test split for fashion_mnist)")
     ] = None,
@@ -82,9 +82,9 @@ def train(
     seed: int = 0,
     threads: Annotated[int | None, typer.Option(help="torch threads (default: all cores)")] = None,
     checkpoint: Annotated[Path | None, typer.Option(help="start from this checkpoint (fine-tune)")] = None,
-    output: Annotated[
-        Path, typer.Option("--output", "-o", help="checkpoint path (a .json record goes beside)")
-    ] = (Path("runs/model.pt")),
+    output: Annotated[Path, typer.Option("--output", "-o", help="checkpoint path (a .json record goes beside)")] = (
+        Path("runs/model.pt")
+    ),
 ) -> None:
     """Train or fine-tune a zoo model; saves a checkpoint and a JSON record with held-out accuracy."""
     from t2tedge.data.datasets import open_dataset
@@ -122,13 +122,9 @@ def export(
     image_size: Annotated[int | None, typer.Option(help="input size (default: the checkpoint's)")] = None,
     dynamic_batch: Annotated[bool, typer.Option(help="export a dynamic batch axis")] = False,
     opset: Annotated[int, typer.Option(min=17)] = 18,
-    calibration: Annotated[
-        str, typer.Option(help="real images for the parity check")
-    ] = "fashion_mnist:train",
+    calibration: Annotated[str, typer.Option(help="real images for the parity check")] = "fashion_mnist:train",
     output_dir: Annotated[Path, typer.Option(help="artifact store")] = Path("artifacts"),
-    output: Annotated[
-        Path | None, typer.Option("--output", "-o", help="also copy the ONNX file here")
-    ] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="also copy the ONNX file here")] = None,
 ) -> None:
     """Export a model to ONNX and check it against PyTorch on real images."""
     from t2tedge.data.datasets import open_dataset

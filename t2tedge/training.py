@@ -117,11 +117,7 @@ def train(
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
-        lambda s: (
-            (s + 1) / warmup
-            if s < warmup
-            else 0.5 * (1 + math.cos(math.pi * (s - warmup) / (steps - warmup)))
-        ),
+        lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / (steps - warmup))),
     )
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
 
@@ -148,9 +144,7 @@ def train(
                 optimizer.step()
                 schedule.step()
                 seen += len(images)
-                progress.update(
-                    task, advance=1, loss=loss.item(), description=f"{spec.name} epoch {epoch + 1}"
-                )
+                progress.update(task, advance=1, loss=loss.item(), description=f"{spec.name} epoch {epoch + 1}")
     train_seconds = time.perf_counter() - started
     top1 = evaluate_torch(model, test_set, pre)
 

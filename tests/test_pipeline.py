@@ -42,9 +42,7 @@ def _tiny_checkpoint(tmp_path: Path, name: str = "t2t_vit_7", size: int = 32) ->
     model = get_spec(name).create(num_classes=10, image_size=size)
     path = tmp_path / f"{name}.pt"
     pre = Preprocess(input_size=size, resize_size=size, interpolation="bilinear")
-    save_checkpoint(
-        path, model, {"model": name, "classes": [str(i) for i in range(10)], "preprocess": pre.to_dict()}
-    )
+    save_checkpoint(path, model, {"model": name, "classes": [str(i) for i in range(10)], "preprocess": pre.to_dict()})
     return path
 
 

@@ -86,9 +86,7 @@ def _hold(root: str, marker: str, release: str) -> None:
 
 def test_second_build_waits_then_reuses(tmp_path: Path) -> None:
     marker, release = tmp_path / "holding", tmp_path / "release"
-    proc = mp.get_context("spawn").Process(
-        target=_hold, args=(str(tmp_path / "s"), str(marker), str(release))
-    )
+    proc = mp.get_context("spawn").Process(target=_hold, args=(str(tmp_path / "s"), str(marker), str(release)))
     proc.start()
     while not marker.exists():
         time.sleep(0.05)

@@ -162,9 +162,7 @@ def test_official_format_checkpoint_reloads_strictly(tmp_path) -> None:
 
     source = tiny("t2t_vit_7", seed=1)
     path = tmp_path / "x.pth.tar"
-    torch.save(
-        {"state_dict_ema": {"module." + k: v for k, v in source.state_dict().items()}, "epoch": 3}, path
-    )
+    torch.save({"state_dict_ema": {"module." + k: v for k, v in source.state_dict().items()}, "epoch": 3}, path)
     fresh = tiny("t2t_vit_7", seed=2)
     fresh.load_state_dict(load_state_dict_file(path), strict=True)
     x = torch.randn(2, 3, 32, 32)

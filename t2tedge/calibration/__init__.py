@@ -6,15 +6,15 @@ quantizer, so accuracy numbers are comparable across targets.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from t2tedge.data.cache import cached_preprocess
+from t2tedge.data.cache import cached_preprocess, tensor_key
 from t2tedge.data.datasets import ImageDataset
 from t2tedge.errors import DatasetError
 from t2tedge.models.spec import Preprocess
+from t2tedge.progress import log
 
 DEFAULT_SIZE = 300  # NNCF's default subset size
 
@@ -34,17 +34,41 @@ def select_indices(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
     return np.sort(np.asarray(chosen, dtype=np.int64))
 
 
-@dataclass
 class CalibrationSet:
-    """Preprocessed calibration images and where they came from."""
+    """A planned calibration selection; images are preprocessed (or read from cache) on first use.
 
-    images: np.ndarray
-    indices: np.ndarray
-    key: str
-    cached: bool
+    The key is known without touching any image, so an artifact whose inputs hash already exists is
+    reused without calibrating at all.
+    """
+
+    def __init__(
+        self, dataset: ImageDataset, pre: Preprocess, indices: np.ndarray, seed: int, cache_dir: Path | None
+    ) -> None:
+        self.dataset, self.pre, self.indices, self.seed, self.cache_dir = (
+            dataset,
+            pre,
+            indices,
+            seed,
+            cache_dir,
+        )
+        self.key = tensor_key(dataset, indices, pre)
+        self.cached: bool | None = None  # unknown until the images are needed
+        self._images: np.ndarray | None = None
+
+    @property
+    def images(self) -> np.ndarray:
+        if self._images is None:
+            self._images, _, self.cached = cached_preprocess(
+                self.dataset, self.indices, self.pre, self.cache_dir, "calibration images"
+            )
+            log(f"  calibration: {'reused cached' if self.cached else 'preprocessed'} {len(self.indices)} images")
+        return self._images
+
+    def sample_hashes(self) -> set[str]:
+        return {self.dataset.sample_hash(int(i)) for i in self.indices}
 
     def describe(self) -> dict[str, object]:
-        return {"size": len(self.indices), "key": self.key[:16], "cached": self.cached}
+        return {"size": len(self.indices), "seed": self.seed, "key": self.key[:16], "cached": self.cached}
 
 
 def calibration_set(
@@ -55,12 +79,12 @@ def calibration_set(
     cache_dir: Path | None = None,
     allow_fewer: bool = False,
 ) -> CalibrationSet:
-    """Select and preprocess ``size`` images; fewer usable images is an error unless allowed."""
+    """Plan a ``size``-image calibration set; fewer usable images is an error unless allowed."""
     if len(dataset) < size and not allow_fewer:
         raise DatasetError(
             f"calibration source has {len(dataset)} usable images, fewer than the {size} asked for "
-            "(lower the calibration size or allow fewer explicitly)"
+            "(lower calibration.size, or set calibration.allow_fewer: true)"
         )
-    indices = select_indices(dataset.labels, min(size, len(dataset)), seed)
-    images, key, cached = cached_preprocess(dataset, indices, pre, cache_dir, "calibration images")
-    return CalibrationSet(images, indices, key, cached)
+    if len(dataset) == 0:
+        raise DatasetError("calibration source has no usable images")
+    return CalibrationSet(dataset, pre, select_indices(dataset.labels, min(size, len(dataset)), seed), seed, cache_dir)

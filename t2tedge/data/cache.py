@@ -24,6 +24,11 @@ def preprocess(dataset: ImageDataset, indices: np.ndarray, pre: Preprocess, desc
     return out
 
 
+def tensor_key(dataset: ImageDataset, indices: np.ndarray, pre: Preprocess) -> str:
+    """The cache key of a preprocessed selection: what the images are, which, and how transformed."""
+    return content_hash({"listing": dataset.listing_hash(), "preprocess": pre.to_dict(), "indices": indices.tolist()})
+
+
 def cached_preprocess(
     dataset: ImageDataset,
     indices: np.ndarray,
@@ -32,9 +37,7 @@ def cached_preprocess(
     description: str,
 ) -> tuple[np.ndarray, str, bool]:
     """Like :func:`preprocess`, reusing a cached array; returns (array, cache key, was_cached)."""
-    key = content_hash(
-        {"listing": dataset.listing_hash(), "preprocess": pre.to_dict(), "indices": indices.tolist()}
-    )
+    key = tensor_key(dataset, indices, pre)
     if cache_dir is None:
         return preprocess(dataset, indices, pre, description), key, False
     path = Path(cache_dir) / f"{key[:16]}.npy"

@@ -163,9 +163,7 @@ class ImageFolderDataset(_FileDataset):
         kept = [(f, label) for f, label in candidates if _is_image(f)]
         self.skipped = len(candidates) - len(kept)
         if not kept:
-            raise DatasetError(
-                f"dataset folder {self.root} has no readable images ({self.skipped} files skipped)"
-            )
+            raise DatasetError(f"dataset folder {self.root} has no readable images ({self.skipped} files skipped)")
         super().__init__(
             paths=[f for f, _ in kept],
             keys=[f.relative_to(self.root).as_posix() for f, _ in kept],
@@ -175,9 +173,7 @@ class ImageFolderDataset(_FileDataset):
 
     def _files_under(self, folder: Path) -> list[Path]:
         return sorted(
-            p
-            for p in folder.rglob("*")
-            if p.is_file() and all(_visible(part) for part in p.relative_to(folder).parts)
+            p for p in folder.rglob("*") if p.is_file() and all(_visible(part) for part in p.relative_to(folder).parts)
         )
 
 
@@ -229,9 +225,7 @@ class FileListDataset(_FileDataset):
         names = sorted({label for _, label in raw if not _is_int(label)})
         if names and any(_is_int(label) for _, label in raw):
             line = next(line for line, label in raw if _is_int(label))
-            raise DatasetError(
-                f"{self.csv_path} line {line}: integer label in a list of class names; pass classes"
-            )
+            raise DatasetError(f"{self.csv_path} line {line}: integer label in a list of class names; pass classes")
         if names:
             return names
         ints = [int(label) for _, label in raw]
@@ -241,9 +235,7 @@ class FileListDataset(_FileDataset):
         if _is_int(raw):
             label = int(raw)
             if not 0 <= label < len(classes):
-                raise DatasetError(
-                    f"{self.csv_path} line {line}: label {label} out of range 0..{len(classes) - 1}"
-                )
+                raise DatasetError(f"{self.csv_path} line {line}: label {label} out of range 0..{len(classes) - 1}")
             return label
         try:
             return classes.index(raw)
@@ -272,8 +264,7 @@ class BundledFashionMNIST(ImageDataset):
         npz_path, json_path = BUNDLED_DIR / "fashion_mnist.npz", BUNDLED_DIR / "fashion_mnist.json"
         if not (npz_path.is_file() and json_path.is_file()):
             raise DatasetError(
-                f"bundled Fashion-MNIST is missing from {BUNDLED_DIR}; rebuild it with "
-                "scripts/build_fashion_mnist.py"
+                f"bundled Fashion-MNIST is missing from {BUNDLED_DIR}; rebuild it with scripts/build_fashion_mnist.py"
             )
         self.split = split
         self.record = json.loads(json_path.read_text())

@@ -16,9 +16,7 @@ from t2tedge.progress import track
 MEASURED, EMULATED, UNAVAILABLE = "measured", "emulated", "unavailable"
 
 
-def run_batched(
-    runner: Callable[[np.ndarray], np.ndarray], images: np.ndarray, batch_size: int = 32
-) -> np.ndarray:
+def run_batched(runner: Callable[[np.ndarray], np.ndarray], images: np.ndarray, batch_size: int = 32) -> np.ndarray:
     """Logits for all images, fed in batches with a progress bar."""
     starts = range(0, len(images), batch_size)
     outs = [runner(images[i : i + batch_size]) for i in track(starts, "validating", total=len(starts))]
@@ -35,9 +33,7 @@ def topk_accuracy(logits: np.ndarray, labels: np.ndarray, k: int) -> float:
 def agreement(logits: np.ndarray, reference: np.ndarray) -> dict[str, float]:
     """How closely logits follow the reference: top-1 agreement, abs error, cosine similarity."""
     diff = np.abs(logits - reference)
-    cos = (logits * reference).sum(1) / (
-        np.linalg.norm(logits, axis=1) * np.linalg.norm(reference, axis=1) + 1e-12
-    )
+    cos = (logits * reference).sum(1) / (np.linalg.norm(logits, axis=1) * np.linalg.norm(reference, axis=1) + 1e-12)
     return {
         "top1_agreement": float(100.0 * (logits.argmax(1) == reference.argmax(1)).mean()),
         "logit_abs_err_mean": float(diff.mean()),

@@ -49,9 +49,7 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
         raise CheckpointError(f"{path} is not a readable checkpoint ({first})") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(
-            f"{path} is not a readable checkpoint (truncated or corrupt: {first})"
-        ) from None
+        raise CheckpointError(f"{path} is not a readable checkpoint (truncated or corrupt: {first})") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state dict")
     meta = obj.get("t2tedge", {}) if isinstance(obj.get("t2tedge"), dict) else {}
@@ -59,9 +57,7 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     state = obj[source_key] if source_key != "bare" else obj
     tensors = {_strip_prefix(k): v for k, v in state.items() if isinstance(v, torch.Tensor)}
     if not tensors:
-        raise CheckpointError(
-            f"{path} contains no tensors (looked in {', '.join(_STATE_KEYS)} and the top level)"
-        )
+        raise CheckpointError(f"{path} contains no tensors (looked in {', '.join(_STATE_KEYS)} and the top level)")
     return Checkpoint(state_dict=tensors, meta=meta, source_key=source_key)
 
 

@@ -23,9 +23,7 @@ from t2tedge.models.spec import ModelSpec, PaperFacts, Preprocess, register
 def _preprocess_of(weights: WeightsEnum) -> Preprocess:
     kwargs = weights.transforms.keywords
     crop = int(kwargs["crop_size"])
-    return Preprocess(
-        input_size=crop, resize_size=int(kwargs.get("resize_size", 256)), interpolation="bilinear"
-    )
+    return Preprocess(input_size=crop, resize_size=int(kwargs.get("resize_size", 256)), interpolation="bilinear")
 
 
 def _paper_of(weights: WeightsEnum) -> PaperFacts:
@@ -46,9 +44,7 @@ def _builder(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
     return build
 
 
-def _register(
-    name: str, factory: Callable[..., nn.Module], weights: WeightsEnum, classifier_key: str
-) -> None:
+def _register(name: str, factory: Callable[..., nn.Module], weights: WeightsEnum, classifier_key: str) -> None:
     register(
         ModelSpec(
             name=name,
@@ -62,9 +58,7 @@ def _register(
     )
 
 
-_register(
-    "mobilenet_v2", torchvision.models.mobilenet_v2, MobileNet_V2_Weights.IMAGENET1K_V1, "classifier.1.weight"
-)
+_register("mobilenet_v2", torchvision.models.mobilenet_v2, MobileNet_V2_Weights.IMAGENET1K_V1, "classifier.1.weight")
 _register(
     "mobilenet_v3_large",
     torchvision.models.mobilenet_v3_large,

@@ -107,8 +107,7 @@ class ModelSpec:
         if size < self.min_size or size % self.size_multiple:
             rule = f"a multiple of {self.size_multiple}" if self.size_multiple > 1 else "an integer"
             raise UnknownModelError(
-                f"image size {size} is not valid for {self.name}: "
-                f"it must be {rule} and at least {self.min_size}"
+                f"image size {size} is not valid for {self.name}: it must be {rule} and at least {self.min_size}"
             )
 
 

@@ -144,9 +144,7 @@ class TokenPerformer(nn.Module):
     m = out_dim * kernel_ratio) is drawn once, frozen, and stored in the state dict like the official one.
     """
 
-    def __init__(
-        self, dim: int, out_dim: int, kernel_ratio: float = 0.5, drop: float = _PERFORMER_DROPOUT
-    ) -> None:
+    def __init__(self, dim: int, out_dim: int, kernel_ratio: float = 0.5, drop: float = _PERFORMER_DROPOUT) -> None:
         super().__init__()
         self.out_dim = out_dim
         self.num_features = int(out_dim * kernel_ratio)
@@ -155,9 +153,7 @@ class TokenPerformer(nn.Module):
         self.proj = nn.Linear(out_dim, out_dim)
         self.norm1 = nn.LayerNorm(dim)
         self.norm2 = nn.LayerNorm(out_dim)
-        self.mlp = nn.Sequential(
-            nn.Linear(out_dim, out_dim), nn.GELU(), nn.Linear(out_dim, out_dim), nn.Dropout(drop)
-        )
+        self.mlp = nn.Sequential(nn.Linear(out_dim, out_dim), nn.GELU(), nn.Linear(out_dim, out_dim), nn.Dropout(drop))
         # orthogonal rows scaled to norm sqrt(m), as the official init; checkpoints overwrite it anyway
         features = nn.init.orthogonal_(torch.empty(self.num_features, out_dim)) * math.sqrt(self.num_features)
         self.w = nn.Parameter(features, requires_grad=False)
@@ -179,9 +175,7 @@ class TokenPerformer(nn.Module):
 class T2TModule(nn.Module):
     """Soft split (unfold) -> token layer -> fold back, twice, then project to embed_dim."""
 
-    def __init__(
-        self, img_size: int, tokens_type: str, in_chans: int, embed_dim: int, token_dim: int
-    ) -> None:
+    def __init__(self, img_size: int, tokens_type: str, in_chans: int, embed_dim: int, token_dim: int) -> None:
         super().__init__()
         layers = {"performer": TokenPerformer, "transformer": TokenTransformer}
         if tokens_type not in layers:
@@ -234,9 +228,7 @@ class T2TViT(nn.Module):
     ) -> None:
         super().__init__()
         if img_size < 32 or img_size % 16:
-            raise ValueError(
-                f"T2T-ViT needs an image size that is a multiple of 16 and >= 32, not {img_size}"
-            )
+            raise ValueError(f"T2T-ViT needs an image size that is a multiple of 16 and >= 32, not {img_size}")
         self.img_size = img_size
         self.num_classes = num_classes
         self.num_features = self.embed_dim = embed_dim

@@ -14,10 +14,10 @@ import numpy as np
 import torch
 
 import t2tedge
-from t2tedge.calibration import select_indices
+from t2tedge.calibration import CalibrationSet, select_indices
 from t2tedge.data.cache import cached_preprocess
 from t2tedge.data.datasets import ImageDataset, open_dataset
-from t2tedge.errors import CheckpointError, TargetUnavailableError
+from t2tedge.errors import CheckpointError, T2tedgeError, TargetUnavailableError
 from t2tedge.evaluation.accuracy import MEASURED, accuracy_report, run_batched, unavailable
 from t2tedge.models import LoadedModel, demo_checkpoint, get_spec, load_model, pretrained_checkpoint
 from t2tedge.pipeline.export import ONNX_FILE, export_onnx, parity, torch_logits
@@ -80,6 +80,7 @@ class ValidationSet:
     labels: np.ndarray
     reference: np.ndarray
     key: str
+    indices: np.ndarray
 
 
 @dataclass
@@ -105,11 +106,17 @@ class Builder:
         self.recipe = recipe
         self.store = ArtifactStore(recipe.output_dir)
         self.cache_dir = Path(recipe.output_dir) / ".cache"
+        self.overlaps: dict[str, int] = {}
         # Fail on bad names before any long work starts.
-        for target_name in recipe.targets:
-            target = get_target(target_name)
-            for precision in recipe.precisions:
-                check_precision(target, precision)
+        targets = [get_target(name) for name in recipe.targets]
+        for precision in recipe.precisions:
+            if not any(precision in t.precisions for t in targets):
+                if len(targets) == 1:
+                    check_precision(targets[0], precision)
+                offered = sorted({p for t in targets for p in t.precisions})
+                raise T2tedgeError(
+                    f"no target in this recipe offers precision {precision!r}; they offer: {', '.join(offered)}"
+                )
         for entry in recipe.models:
             get_spec(entry.name)
 
@@ -122,9 +129,11 @@ class Builder:
             log(f"[bold]{entry.name}[/] ({ctx.loaded.weights}, {ctx.loaded.image_size}px)")
             exported = self.export(ctx, calibration_source)
             val = self._validation_set(ctx, exported, validation)
+            calib = self._calibration_set(ctx, calibration_source, validation, val)
             for target_name in self.recipe.targets:
-                for precision in self.recipe.precisions:
-                    rows.append(self.build_one(ctx, exported, target_name, precision, val))
+                target = get_target(target_name)
+                for precision in [p for p in self.recipe.precisions if p in target.precisions]:
+                    rows.append(self.build_one(ctx, exported, target_name, precision, val, calib))
         self._write_summary(rows)
         return rows
 
@@ -181,15 +190,11 @@ class Builder:
             log(f"  export: {job.final} (max |Δlogit| {job.manifest['parity']['logit_abs_err_max']:.2e})")
         return job.artifact
 
-    def _validation_set(
-        self, ctx: ModelContext, exported: Artifact, validation: ImageDataset
-    ) -> ValidationSet:
+    def _validation_set(self, ctx: ModelContext, exported: Artifact, validation: ImageDataset) -> ValidationSet:
         """Preprocessed validation images, labels and FP32 PyTorch logits (cached by content)."""
         limit = self.recipe.data.limit
         indices = (
-            select_indices(validation.labels, limit, seed=0)
-            if limit
-            else np.arange(len(validation), dtype=np.int64)
+            select_indices(validation.labels, limit, seed=0) if limit else np.arange(len(validation), dtype=np.int64)
         )
         images, key, _ = cached_preprocess(
             validation, indices, ctx.loaded.preprocess, self.cache_dir / "tensors", "validation images"
@@ -202,7 +207,7 @@ class Builder:
             reference = torch_logits(ctx.loaded.model, images)
             ref_path.parent.mkdir(parents=True, exist_ok=True)
             np.save(ref_path, reference)
-        return ValidationSet(images, validation.labels[indices], reference, key)
+        return ValidationSet(images, validation.labels[indices], reference, key, indices)
 
     def build_one(
         self,
@@ -211,6 +216,7 @@ class Builder:
         target_name: str,
         precision: str,
         val: ValidationSet,
+        calib: CalibrationSet,
     ) -> BuildRow:
         """Build (or reuse) one artifact and validate it on the validation set."""
         target = get_target(target_name)
@@ -225,6 +231,13 @@ class Builder:
             "precision": precision,
             "tools": target.tool_versions(),
         }
+        needs_calibration = target.needs_calibration(precision)
+        quant = self.recipe.quantization
+        if needs_calibration:
+            inputs["calibration"] = calib.key
+            inputs["quantization"] = quant.for_target(target_name)
+            if quant.max_accuracy_drop is not None:
+                inputs["accuracy_control"] = val.key
         started = time.perf_counter()
         with self.store.build(name, target_name, precision, inputs) as job:
             reused = job.done
@@ -234,12 +247,20 @@ class Builder:
                     image_size=ctx.loaded.image_size,
                     num_classes=ctx.loaded.num_classes,
                     family=ctx.loaded.spec.family,
-                    config={},
+                    config=inputs.get("quantization", {}),
                 )
+                if needs_calibration:
+                    build_inputs.calibration = calib.images
+                    if quant.max_accuracy_drop is not None:
+                        subset = select_indices(val.labels, quant.accuracy_subset, seed=0)
+                        build_inputs.validation_images = val.images[subset]
+                        build_inputs.validation_labels = val.labels[subset]
                 facts = target.build(build_inputs, precision, job.dir)
                 job.manifest.update(
                     {"config": inputs, "build": facts, "tools": target.tool_versions(), "host": host_info()}
                 )
+                if needs_calibration:
+                    job.manifest["calibration"] = {**calib.describe(), "source": self.recipe.data.calibration}
         artifact = job.artifact
         build_seconds = round(time.perf_counter() - started, 2)
         validations = artifact.manifest.get("validation", {})
@@ -254,11 +275,7 @@ class Builder:
             accuracy["dataset"] = self.recipe.data.validation
             artifact.update_manifest(validation={val.key[:16]: accuracy})
         verb = "reused" if reused else "built"
-        top1 = (
-            f"top-1 {accuracy['top1']:.2f}% ({accuracy['label']})"
-            if "top1" in accuracy
-            else accuracy["label"]
-        )
+        top1 = f"top-1 {accuracy['top1']:.2f}% ({accuracy['label']})" if "top1" in accuracy else accuracy["label"]
         log(f"  {target_name}/{precision}: {verb} {artifact.path}; {top1}")
         return BuildRow(name, target_name, precision, str(artifact.path), reused, accuracy, build_seconds)
 
@@ -270,6 +287,7 @@ class Builder:
                 "recipe": json.loads(self.recipe.model_dump_json()),
                 "host": host_info(),
                 "t2tedge": t2tedge.__version__,
+                "calibration_validation_overlap": self.overlaps,
                 "finished": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                 "rows": [row.to_dict() for row in rows],
             },

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -23,18 +23,12 @@ class ModelEntry(_Strict):
         "demo",
         description="'demo' (bundled Fashion-MNIST), 'imagenet' (published), 'random', or a checkpoint path",
     )
-    image_size: int | None = Field(
-        None, gt=0, description="input size; default: the checkpoint's or the spec's"
-    )
+    image_size: int | None = Field(None, gt=0, description="input size; default: the checkpoint's or the spec's")
 
 
 class DataConfig(_Strict):
-    validation: str = Field(
-        "fashion_mnist:test", description="labelled set for accuracy: dataset name, folder or CSV"
-    )
-    calibration: str = Field(
-        "fashion_mnist:train", description="calibration images: dataset name, folder or CSV"
-    )
+    validation: str = Field("fashion_mnist:test", description="labelled set for accuracy: dataset name, folder or CSV")
+    calibration: str = Field("fashion_mnist:train", description="calibration images: dataset name, folder or CSV")
     limit: int | None = Field(None, gt=0, description="validate on the first N images only (class-balanced)")
 
 
@@ -50,6 +44,51 @@ class CalibrationConfig(_Strict):
     allow_fewer: bool = False
 
 
+class IgnoredScope(_Strict):
+    names: list[str] = Field(default_factory=list, description="node names kept in higher precision")
+    types: list[str] = Field(default_factory=list, description="op types kept in higher precision")
+    patterns: list[str] = Field(default_factory=list, description="regexes over node names")
+
+
+class OpenVinoConfig(_Strict):
+    model_type: Literal["auto", "transformer", "cnn"] = Field(
+        "auto", description="NNCF model type; auto = transformer for T2T-ViT, default for CNNs"
+    )
+    preset: Literal["performance", "mixed"] = "performance"
+    smooth_quant_alpha: float | None = Field(None, description="SmoothQuant alpha (-1 disables; None: NNCF default)")
+    fast_bias_correction: bool = True
+    ignored_scope: IgnoredScope = IgnoredScope()
+    inference_precision: Literal["f32", "bf16", "f16"] | None = Field(
+        None,
+        description="CPU precision hint for fp16/int8 artifacts (fp32 always runs f32); None: plugin default",
+    )
+
+
+class OnnxRuntimeQuantConfig(_Strict):
+    op_types: list[str] = Field(
+        default_factory=lambda: ["Conv", "MatMul", "Gemm"],
+        description="op types to quantize (LayerNorm/Softmax/Add hurt accuracy and speed)",
+    )
+    activation_type: Literal["uint8", "int8"] = Field("uint8", description="uint8 = U8S8, the fast form on x86")
+    per_channel: bool = True
+    exclude_nodes: list[str] = Field(default_factory=list, description="node names kept in FP32")
+
+
+class QuantizationConfig(_Strict):
+    method: Literal["minmax", "percentile", "entropy"] = "minmax"
+    percentile: float = Field(99.999, gt=50, le=100)
+    max_accuracy_drop: float | None = Field(None, gt=0, description="top-1 points; enables accuracy-aware quantization")
+    accuracy_subset: int = Field(300, gt=0, description="validation images used by accuracy-aware quantization")
+    openvino: OpenVinoConfig = OpenVinoConfig()
+    onnxruntime: OnnxRuntimeQuantConfig = OnnxRuntimeQuantConfig()
+
+    def for_target(self, target: str) -> dict[str, Any]:
+        """The shared settings plus the target's own section, as one dict."""
+        shared = self.model_dump(exclude={"openvino", "onnxruntime"})
+        own = getattr(self, target, None)
+        return {**shared, **(own.model_dump() if isinstance(own, BaseModel) else {})}
+
+
 class Recipe(_Strict):
     name: str = "build"
     output_dir: Path = Path("artifacts")
@@ -59,6 +98,7 @@ class Recipe(_Strict):
     data: DataConfig = DataConfig()
     export: ExportConfig = ExportConfig()
     calibration: CalibrationConfig = CalibrationConfig()
+    quantization: QuantizationConfig = QuantizationConfig()
     threads: int | None = Field(None, gt=0, description="runtime threads for validation; default: all cores")
 
     @field_validator("models", mode="before")

@@ -37,6 +37,9 @@ class BuildInputs:
     family: str
     config: dict[str, Any]
     calibration: np.ndarray | None = None
+    # For accuracy-aware quantization: a labelled validation subset and its FP32 reference logits.
+    validation_images: np.ndarray | None = None
+    validation_labels: np.ndarray | None = None
 
 
 class Target(Protocol):
@@ -46,6 +49,8 @@ class Target(Protocol):
     precisions: tuple[str, ...]
 
     def availability(self) -> Availability: ...
+
+    def needs_calibration(self, precision: str) -> bool: ...
 
     def tool_versions(self) -> dict[str, str]: ...
 

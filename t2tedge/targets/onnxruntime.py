@@ -35,10 +35,7 @@ class OnnxRuntimeRunner:
             return self.session.run(None, {self.input_name: images})[0]
         step = self.fixed_batch
         return np.concatenate(
-            [
-                self.session.run(None, {self.input_name: images[i : i + step]})[0]
-                for i in range(0, len(images), step)
-            ]
+            [self.session.run(None, {self.input_name: images[i : i + step]})[0] for i in range(0, len(images), step)]
         )
 
 
@@ -54,6 +51,9 @@ class OnnxRuntimeTarget:
         except ImportError:
             return Availability(False, False, "onnxruntime is not installed (pip install onnxruntime)")
         return Availability(True, True)
+
+    def needs_calibration(self, precision: str) -> bool:
+        return precision == "int8"
 
     def tool_versions(self) -> dict[str, str]:
         import onnxruntime
