@@ -199,6 +199,26 @@ def build(
 
 
 @app.command()
+def validate(
+    artifact: Annotated[Path, typer.Argument(help="a compiled artifact directory (holds manifest.json)")],
+    data: Annotated[
+        str, typer.Option(help="labelled images: folder with class subfolders, CSV, or fashion_mnist:test")
+    ],
+    limit: Annotated[int | None, typer.Option(help="validate on N images only (class-balanced)")] = None,
+    threads: Annotated[int | None, typer.Option(help="runtime threads")] = None,
+) -> None:
+    """Re-validate an existing artifact on another dataset; the result lands in its manifest."""
+    from t2tedge.pipeline.validate import validate_artifact
+
+    result = validate_artifact(artifact, data, limit, threads)
+    if "top1" in result:
+        out.print(f"{artifact}: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  on {result['images']} images "
+                  f"({result['label']})")  # fmt: skip
+    else:
+        out.print(f"{artifact}: accuracy {result['label']}: {result['reason']}")
+
+
+@app.command()
 def demo(
     output_dir: Annotated[Path, typer.Option(help="artifact store")] = Path("artifacts"),
 ) -> None:

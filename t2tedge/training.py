@@ -24,7 +24,7 @@ from t2tedge.evaluation.accuracy import topk_accuracy
 from t2tedge.models import ModelSpec, load_model, save_checkpoint
 from t2tedge.models.spec import Preprocess
 from t2tedge.pipeline.store import write_json
-from t2tedge.progress import console
+from t2tedge.progress import console, log
 
 
 @dataclass(frozen=True)
@@ -93,15 +93,19 @@ def train(
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     num_classes = len(train_set.classes)
-    loaded = load_model(spec, init_checkpoint, image_size=cfg.image_size, num_classes=None)
-    model = loaded.model
-    if init_checkpoint is None or loaded.num_classes != num_classes:
-        # A fresh head for the dataset's classes (fine-tuning keeps the backbone weights).
-        fresh = spec.create(num_classes=num_classes, image_size=loaded.image_size)
-        own = {k: v for k, v in model.state_dict().items() if fresh.state_dict()[k].shape == v.shape}
-        fresh.load_state_dict(own, strict=False)
-        model = fresh
-    pre = loaded.preprocess
+    if init_checkpoint is None:
+        size = cfg.image_size or spec.preprocess.input_size
+        model = spec.create(num_classes=num_classes, image_size=size)
+        pre = spec.preprocess.at_size(size) if size != spec.preprocess.input_size else spec.preprocess
+    else:
+        loaded = load_model(spec, init_checkpoint, image_size=cfg.image_size)
+        model, pre = loaded.model, loaded.preprocess
+        if loaded.num_classes != num_classes:
+            # Fine-tuning onto other classes: keep every weight whose shape fits, fresh classifier.
+            fresh = spec.create(num_classes=num_classes, image_size=loaded.image_size)
+            fitting = {k: v for k, v in model.state_dict().items() if fresh.state_dict()[k].shape == v.shape}
+            fresh.load_state_dict(fitting, strict=False)
+            model = fresh
     if cfg.crop_pct is not None:
         pre = replace(pre, resize_size=math.floor(pre.input_size / cfg.crop_pct))
 
@@ -137,6 +141,7 @@ def train(
         task = progress.add_task(f"training {spec.name}", total=steps, loss=float("nan"))
         for epoch in range(cfg.epochs):
             model.train()
+            epoch_loss, epoch_started = 0.0, time.perf_counter()
             for images, labels in loader:
                 loss = loss_fn(model(images), labels)
                 optimizer.zero_grad(set_to_none=True)
@@ -144,7 +149,11 @@ def train(
                 optimizer.step()
                 schedule.step()
                 seen += len(images)
+                epoch_loss += loss.item()
                 progress.update(task, advance=1, loss=loss.item(), description=f"{spec.name} epoch {epoch + 1}")
+            rate = len(loader) * cfg.batch_size / (time.perf_counter() - epoch_started)
+            mean_loss = epoch_loss / len(loader)
+            log(f"{spec.name} epoch {epoch + 1}/{cfg.epochs}: mean loss {mean_loss:.3f}, {rate:.0f} img/s")
     train_seconds = time.perf_counter() - started
     top1 = evaluate_torch(model, test_set, pre)
 

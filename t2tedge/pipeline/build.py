@@ -14,15 +14,15 @@ import numpy as np
 import torch
 
 import t2tedge
-from t2tedge.calibration import CalibrationSet, select_indices
+from t2tedge.calibration import CalibrationSet, calibration_set, select_indices
 from t2tedge.data.cache import cached_preprocess
 from t2tedge.data.datasets import ImageDataset, open_dataset
 from t2tedge.errors import CheckpointError, T2tedgeError, TargetUnavailableError
-from t2tedge.evaluation.accuracy import MEASURED, accuracy_report, run_batched, unavailable
 from t2tedge.models import LoadedModel, demo_checkpoint, get_spec, load_model, pretrained_checkpoint
 from t2tedge.pipeline.export import ONNX_FILE, export_onnx, parity, torch_logits
 from t2tedge.pipeline.recipe import ModelEntry, Recipe
 from t2tedge.pipeline.store import Artifact, ArtifactStore, sha256_file, write_json
+from t2tedge.pipeline.validate import run_validation
 from t2tedge.progress import log
 from t2tedge.targets import BuildInputs, check_precision, get_target
 
@@ -190,6 +190,19 @@ class Builder:
             log(f"  export: {job.final} (max |Δlogit| {job.manifest['parity']['logit_abs_err_max']:.2e})")
         return job.artifact
 
+    def _calibration_set(
+        self, ctx: ModelContext, source: ImageDataset, validation: ImageDataset, val: ValidationSet
+    ) -> CalibrationSet:
+        cfg = self.recipe.calibration
+        calib = calibration_set(
+            source, ctx.loaded.preprocess, cfg.size, cfg.seed, self.cache_dir / "tensors", cfg.allow_fewer
+        )
+        overlap = len(calib.sample_hashes() & {validation.sample_hash(int(i)) for i in val.indices})
+        if overlap:
+            log(f"  [yellow]warning:[/] {overlap} calibration images also appear in the validation set")
+        self.overlaps[ctx.loaded.spec.name] = overlap
+        return calib
+
     def _validation_set(self, ctx: ModelContext, exported: Artifact, validation: ImageDataset) -> ValidationSet:
         """Preprocessed validation images, labels and FP32 PyTorch logits (cached by content)."""
         limit = self.recipe.data.limit
@@ -248,6 +261,7 @@ class Builder:
                     num_classes=ctx.loaded.num_classes,
                     family=ctx.loaded.spec.family,
                     config=inputs.get("quantization", {}),
+                    torch_model=ctx.loaded.model,
                 )
                 if needs_calibration:
                     build_inputs.calibration = calib.images
@@ -257,7 +271,19 @@ class Builder:
                         build_inputs.validation_labels = val.labels[subset]
                 facts = target.build(build_inputs, precision, job.dir)
                 job.manifest.update(
-                    {"config": inputs, "build": facts, "tools": target.tool_versions(), "host": host_info()}
+                    {
+                        "config": inputs,
+                        "build": facts,
+                        "model_io": {
+                            "family": ctx.loaded.spec.family,
+                            "image_size": ctx.loaded.image_size,
+                            "num_classes": ctx.loaded.num_classes,
+                            "classes": ctx.loaded.classes,
+                            "preprocess": ctx.loaded.preprocess.to_dict(),
+                        },
+                        "tools": target.tool_versions(),
+                        "host": host_info(),
+                    }
                 )
                 if needs_calibration:
                     job.manifest["calibration"] = {**calib.describe(), "source": self.recipe.data.calibration}
@@ -266,12 +292,7 @@ class Builder:
         validations = artifact.manifest.get("validation", {})
         accuracy = validations.get(val.key[:16])
         if accuracy is None:
-            if availability.can_run:
-                runner = target.load(artifact, threads=self.recipe.threads)
-                logits = run_batched(runner, val.images)
-                accuracy = accuracy_report(logits, val.labels, MEASURED, val.reference)
-            else:
-                accuracy = unavailable(availability.reason)
+            accuracy = run_validation(target, artifact, val.images, val.labels, val.reference, self.recipe.threads)
             accuracy["dataset"] = self.recipe.data.validation
             artifact.update_manifest(validation={val.key[:16]: accuracy})
         verb = "reused" if reused else "built"

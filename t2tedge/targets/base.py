@@ -19,10 +19,17 @@ class Availability:
     can_build: bool
     can_run: bool
     reason: str = ""
+    # Where the real runtime cannot run here, a stand-in may run the same graph or math; its numbers
+    # are labelled `emulated`, never `measured`.
+    can_emulate: bool = False
 
 
 class Runner(Protocol):
-    """Runs an artifact: NCHW float32 images in, logits out."""
+    """Runs an artifact: NCHW float32 images in, logits out.
+
+    A runner may carry ``label = "emulated"`` and ``emulation = "<how>"`` when it is a stand-in for
+    the target's real runtime; without them its numbers count as measured.
+    """
 
     def __call__(self, images: np.ndarray) -> np.ndarray: ...
 
@@ -37,6 +44,8 @@ class BuildInputs:
     family: str
     config: dict[str, Any]
     calibration: np.ndarray | None = None
+    # Targets that convert from PyTorch rather than ONNX (Core ML) get the FP32 model itself.
+    torch_model: Any = None
     # For accuracy-aware quantization: a labelled validation subset and its FP32 reference logits.
     validation_images: np.ndarray | None = None
     validation_labels: np.ndarray | None = None

@@ -1,0 +1,60 @@
+"""Re-validate an existing artifact on another labelled dataset."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from t2tedge.calibration import select_indices
+from t2tedge.data.cache import cached_preprocess
+from t2tedge.data.datasets import open_dataset
+from t2tedge.errors import ArtifactError, DatasetError
+from t2tedge.evaluation.accuracy import MEASURED, accuracy_report, run_batched, unavailable
+from t2tedge.models.spec import Preprocess
+from t2tedge.pipeline.store import Artifact, read_manifest
+from t2tedge.targets import Target, get_target
+
+
+def run_validation(
+    target: Target,
+    artifact: Artifact,
+    images: np.ndarray,
+    labels: np.ndarray,
+    reference: np.ndarray | None = None,
+    threads: int | None = None,
+) -> dict[str, Any]:
+    """Accuracy of an artifact, labelled measured / emulated / unavailable by what could run it here."""
+    availability = target.availability()
+    if not (availability.can_run or availability.can_emulate):
+        return unavailable(availability.reason)
+    runner = target.load(artifact, threads=threads)
+    label = getattr(runner, "label", MEASURED)
+    note = getattr(runner, "emulation", "") if label != MEASURED else ""
+    return accuracy_report(run_batched(runner, images), labels, label, reference, note=note)
+
+
+def validate_artifact(
+    path: str | Path, data: str, limit: int | None = None, threads: int | None = None
+) -> dict[str, Any]:
+    """Top-1/top-5 of a built artifact on ``data``; the result is also stored in its manifest."""
+    manifest = read_manifest(path)
+    io = manifest.get("model_io")
+    if io is None:
+        raise ArtifactError(f"{path} is not a compiled artifact (an export? validate the target artifacts)")
+    artifact = Artifact(Path(path))
+    dataset = open_dataset(data)
+    if (dataset.labels < 0).all():
+        raise DatasetError(f"{data} has no labels; validation needs class subfolders or a labelled CSV")
+    if len(dataset.classes) > io["num_classes"]:
+        raise DatasetError(f"{data} has {len(dataset.classes)} classes but the model predicts {io['num_classes']}")
+    indices = select_indices(dataset.labels, limit, seed=0) if limit else np.arange(len(dataset), dtype=np.int64)
+    cache = Path(path).parent.parent.parent / ".cache" / "tensors"
+    images, key, _ = cached_preprocess(
+        dataset, indices, Preprocess.from_dict(io["preprocess"]), cache, "validation images"
+    )
+    result = run_validation(get_target(manifest["target"]), artifact, images, dataset.labels[indices], None, threads)
+    result["dataset"] = data
+    artifact.update_manifest(validation={key[:16]: result})
+    return result
