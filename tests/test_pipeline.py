@@ -107,3 +107,14 @@ def test_builder_refuses_unknown_names_before_work(tmp_path: Path) -> None:
 def test_bundled_demo_recipe_loads() -> None:
     recipe = load_recipe("demo")
     assert [m.name for m in recipe.models] == ["t2t_vit_7", "mobilenet_v2"]
+
+
+def test_performer_epsilon_survives_onnx_export(tmp_path: Path) -> None:
+    # The exporter's optimizer once deleted `D + 1e-8` as an add of zero, giving NaN logits.
+    import onnx
+
+    export_onnx(get_spec("t2t_vit_7").create(num_classes=10, image_size=32), 32, tmp_path / "m.onnx")
+    graph = onnx.load(tmp_path / "m.onnx").graph
+    eps = {i.name for i in graph.initializer if i.name.endswith(".eps")}  # identical constants are shared
+    adds = [node for node in graph.node if node.op_type == "Add" and eps & set(node.input)]
+    assert len(adds) == 2  # one per performer token layer

@@ -157,6 +157,10 @@ class TokenPerformer(nn.Module):
         # orthogonal rows scaled to norm sqrt(m), as the official init; checkpoints overwrite it anyway
         features = nn.init.orthogonal_(torch.empty(self.num_features, out_dim)) * math.sqrt(self.num_features)
         self.w = nn.Parameter(features, requires_grad=False)
+        # The ONNX exporter's optimizer deletes `x + <scalar within 1e-8 of 0>` as an add of zero,
+        # which made D + 1e-8 a division by zero (NaN logits). A shape-(1,1,1) constant is kept.
+        # Not persistent: the official state dict has no such key.
+        self.register_buffer("eps", torch.full((1, 1, 1), 1e-8), persistent=False)
 
     def random_features(self, u: torch.Tensor) -> torch.Tensor:
         half_sq_norm = (u * u).sum(dim=-1, keepdim=True) / 2
@@ -167,7 +171,7 @@ class TokenPerformer(nn.Module):
         kp, qp = self.random_features(k), self.random_features(q)  # (B, T, m)
         normalizer = qp @ kp.sum(dim=1).unsqueeze(-1)  # (B, T, 1)
         kptv = v.transpose(1, 2) @ kp  # (B, out_dim, m)
-        y = (qp @ kptv.transpose(1, 2)) / (normalizer + 1e-8)
+        y = (qp @ kptv.transpose(1, 2)) / (normalizer + self.eps)
         y = v + self.dp(self.proj(y))
         return y + self.mlp(self.norm2(y))
 
