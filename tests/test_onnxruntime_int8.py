@@ -1,0 +1,252 @@
+"""INT8 QDQ quantization for ONNX Runtime on tiny models and real Fashion-MNIST images."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from t2tedge.calibration import select_indices
+from t2tedge.calibration.onnx_qdq import QdqSettings, calibrate, entropy_threshold, quantize_qdq
+from t2tedge.data.cache import preprocess
+from t2tedge.data.datasets import open_dataset
+from t2tedge.models import get_spec
+from t2tedge.models.spec import Preprocess
+from t2tedge.pipeline.export import export_onnx
+from t2tedge.pipeline.recipe import QuantizationConfig
+from t2tedge.targets import BuildInputs, get_target
+from t2tedge.targets.onnxruntime import SENSITIVITY_JSON, SENSITIVITY_MD, OnnxRuntimeRunner
+
+SIZE = 32
+ALLOWED = {"Conv", "MatMul", "Gemm"}
+
+
+@pytest.fixture(scope="module")
+def images() -> tuple[np.ndarray, np.ndarray]:
+    """48 real, class-balanced Fashion-MNIST images preprocessed at 32 px, and their labels."""
+    dataset = open_dataset("fashion_mnist:train")
+    indices = select_indices(dataset.labels, 48, seed=0)
+    pre = Preprocess(input_size=SIZE, resize_size=SIZE, interpolation="bilinear")
+    return preprocess(dataset, indices, pre, "images"), dataset.labels[indices]
+
+
+def _export(name: str, path: Path) -> Path:
+    torch.manual_seed(0)
+    export_onnx(get_spec(name).create(num_classes=10, image_size=SIZE), SIZE, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def t2t_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _export("t2t_vit_7", tmp_path_factory.mktemp("t2t") / "t2t_vit_7.onnx")
+
+
+@pytest.fixture(scope="module")
+def mobilenet_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _export("mobilenet_v2", tmp_path_factory.mktemp("mnv2") / "mobilenet_v2.onnx")
+
+
+def _cosine(logits: np.ndarray, reference: np.ndarray) -> float:
+    """Mean cosine of INT8 and FP32 logits around the FP32 mean logit.
+
+    Random-weight models give nearly the same logits for every image; centring keeps only what depends
+    on the image, so a quantization that loses it scores near 0 (clipping at the 60th percentile: ~0.0),
+    while the defaults score ~0.98.
+    """
+    mean = reference.mean(0)
+    a, b = logits - mean, reference - mean
+    return float(((a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))).mean())
+
+
+def _optimized_op_types(path: Path, tmp_path: Path) -> set[str]:
+    """Op types after ONNX Runtime's own graph optimizations (the QDQ fusions)."""
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return {n.op_type for n in onnx.load(tmp_path / "optimized.onnx").graph.node}
+
+
+def _check_qdq_graph(path: Path, activation_dtype: int) -> onnx.GraphProto:
+    model = onnx.load(path)
+    onnx.checker.check_model(model, full_check=True)  # valid ONNX, nodes in topological order
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    producers = {o: n for n in graph.node for o in n.output}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    dqs = [n for n in graph.node if n.op_type == "DequantizeLinear"]
+    assert dqs and any(n.op_type == "QuantizeLinear" for n in graph.node)
+    for dq in dqs:
+        users = consumers.get(dq.output[0], [])
+        source = dq.input[0]
+        # every Q/DQ pair is there for a Conv/MatMul/Gemm: it feeds one (others may share the value)
+        # or quantizes one's output
+        quantized_by = producers.get(producers[source].input[0]) if source in producers else None
+        assert any(u.op_type in ALLOWED for u in users) or (quantized_by and quantized_by.op_type in ALLOWED)
+        assert not any(u.op_type == "Softmax" for u in users)
+        if source in inits:
+            data = numpy_helper.to_array(inits[source])
+            if data.dtype == np.int8 and data.ndim >= 2:  # a weight: int8, per output channel
+                scale = numpy_helper.to_array(inits[dq.input[1]])
+                axis = next(a.i for a in dq.attribute if a.name == "axis")
+                assert scale.shape == (data.shape[axis],) and data.shape[axis] > 1
+                assert not numpy_helper.to_array(inits[dq.input[2]]).any()  # symmetric: zero point 0
+        else:
+            assert producers[source].op_type == "QuantizeLinear"
+            assert inits[producers[source].input[2]].data_type == activation_dtype
+    return graph
+
+
+def test_t2t_qdq_structure_and_accuracy(t2t_onnx: Path, images: tuple, tmp_path: Path) -> None:
+    calib, _ = images
+    out = tmp_path / "int8.onnx"
+    facts = quantize_qdq(t2t_onnx, out, calib[:16], QdqSettings())
+    assert list(tmp_path.iterdir()) == [out]  # no temporary files next to the artifact
+    graph = _check_qdq_graph(out, TensorProto.UINT8)
+    assert facts["quantize_linear_nodes"] > 0 and facts["dequantize_linear_nodes"] > facts["quantize_linear_nodes"]
+    assert set(facts["quantized_nodes"]) >= {"Gemm"} and facts["settings"]["activation_type"] == "uint8"
+    # attention and Performer feature products (two activation inputs) stay FP32
+    inits = {i.name for i in graph.initializer}
+    producers = {o: n for n in graph.node for o in n.output}
+
+    def dequantized(name: str) -> bool:
+        return name in producers and producers[name].op_type == "DequantizeLinear"
+
+    weights = inits | {n for n in producers if dequantized(n) and producers[n].input[0] in inits}
+    activation_matmuls = [n for n in graph.node if n.op_type == "MatMul" and not set(n.input) & weights]
+    assert len(activation_matmuls) >= 6 + 2 * 7  # 3 per Performer token layer, 2 per backbone block
+    for node in activation_matmuls:
+        assert not any(dequantized(i) for i in node.input), node.name
+    assert facts["nodes_excluded"], "the activation x activation MatMuls are reported as excluded"
+    ops = _optimized_op_types(out, tmp_path)
+    assert "QLinearSoftmax" not in ops and "Softmax" in ops
+    assert ops & {"QGemm", "MatMulIntegerToFloat", "QLinearMatMul"}
+
+    reference = OnnxRuntimeRunner(t2t_onnx)(calib[16:])
+    logits = OnnxRuntimeRunner(out)(calib[16:])
+    assert _cosine(logits, reference) > 0.93
+
+
+def test_mobilenet_qdq_outputs_close_to_fp32(mobilenet_onnx: Path, images: tuple, tmp_path: Path) -> None:
+    calib, _ = images
+    out = tmp_path / "int8.onnx"
+    facts = quantize_qdq(mobilenet_onnx, out, calib[:16], QdqSettings())
+    _check_qdq_graph(out, TensorProto.UINT8)
+    assert facts["quantized_nodes"].get("Conv", 0) >= 40
+    assert "QLinearConv" in _optimized_op_types(out, tmp_path)
+    reference = OnnxRuntimeRunner(mobilenet_onnx)(calib[16:])
+    assert _cosine(OnnxRuntimeRunner(out)(calib[16:]), reference) > 0.93
+
+
+def test_symmetric_int8_activations_for_tensorrt(t2t_onnx: Path, images: tuple, tmp_path: Path) -> None:
+    out = tmp_path / "int8.onnx"
+    settings = QdqSettings(activation_type="int8", activation_symmetric=True)
+    quantize_qdq(t2t_onnx, out, images[0][:8], settings)
+    graph = _check_qdq_graph(out, TensorProto.INT8)
+    inits = {i.name: i for i in graph.initializer}
+    for q in (n for n in graph.node if n.op_type == "QuantizeLinear"):
+        assert not numpy_helper.to_array(inits[q.input[2]]).any()  # zero point 0
+
+
+def _heavy_tailed_matmul(path: Path) -> Path:
+    """input (1, 3, 8, 8) @ W (8, 8): calibrating it measures the input's range directly."""
+    weight = numpy_helper.from_array(np.eye(8, dtype=np.float32), "w")
+    node = helper.make_node("MatMul", ["input", "w"], ["y"], name="mm")
+    graph = helper.make_graph(
+        [node],
+        "g",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [weight],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), path)
+    return path
+
+
+def test_entropy_and_percentile_clip_heavy_tails(tmp_path: Path) -> None:
+    model = _heavy_tailed_matmul(tmp_path / "mm.onnx")
+    data = np.random.default_rng(0).standard_t(2, size=(64, 3, 8, 8)).astype(np.float32)
+    ranges = {}
+    for method in ("minmax", "entropy", "percentile"):
+        # a small chunk budget: the histograms are fed and merged over several chunks
+        settings = QdqSettings(method=method, percentile=99.9, chunk_mb=0, preprocess=False)
+        calibrated = calibrate(model, data, settings, tmp_path / method)
+        ranges[method] = np.array([float(np.ravel(v)[0]) for v in calibrated.ranges.data["input"].range_value])
+        if method != "minmax":
+            assert calibrated.facts["calibration"]["chunk_images"] == 1
+    assert np.allclose(ranges["minmax"], [data.min(), data.max()])
+    for method in ("entropy", "percentile"):
+        low, high = ranges[method]
+        assert data.min() < low < 0 < high < data.max()
+        assert high - low < 0.5 * (data.max() - data.min())
+    assert not np.allclose(ranges["entropy"], ranges["percentile"])
+
+
+def test_entropy_threshold_keeps_a_plain_distribution() -> None:
+    # no outliers: the best threshold keeps (nearly) the whole range
+    counts = np.ones(512)
+    assert entropy_threshold(counts, np.linspace(0, 1, 513), 128) > 0.9
+
+
+@pytest.mark.parametrize("method", ["percentile", "entropy"])
+def test_histogram_methods_quantize_t2t(method: str, t2t_onnx: Path, images: tuple, tmp_path: Path) -> None:
+    calib, _ = images
+    out = tmp_path / "int8.onnx"
+    settings = QdqSettings(method=method, num_bins=256, num_quantized_bins=64)
+    facts = quantize_qdq(t2t_onnx, out, calib[:8], settings)
+    assert facts["calibration"]["method"] == method and facts["calibration"]["tensors"] > 10
+    reference = OnnxRuntimeRunner(t2t_onnx)(calib[16:])
+    assert _cosine(OnnxRuntimeRunner(out)(calib[16:]), reference) > 0.85
+
+
+def test_target_int8_build_with_recipe_defaults(t2t_onnx: Path, images: tuple, tmp_path: Path) -> None:
+    target = get_target("onnxruntime")
+    assert "int8" in target.precisions and target.needs_calibration("int8")
+    config = QuantizationConfig().for_target("onnxruntime")
+    inputs = BuildInputs(t2t_onnx, SIZE, 10, "t2t_vit", config, calibration=images[0][:8])
+    facts = target.build(inputs, "int8", tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
+    assert facts["settings"]["method"] == "minmax" and facts["settings"]["op_types"] == ["Conv", "MatMul", "Gemm"]
+    assert facts["model_bytes"] == (tmp_path / "model.onnx").stat().st_size
+    assert json.dumps(facts)  # manifest-ready
+
+
+def test_accuracy_aware_keeps_sensitive_nodes_fp32(mobilenet_onnx: Path, images: tuple, tmp_path: Path) -> None:
+    calib, _ = images
+    # labels = the FP32 predictions: FP32 top-1 is 100 %, so a tiny budget forbids any flipped prediction
+    # (a random MobileNetV2's logits are close together: INT8 flips some)
+    validation = calib[16:48]
+    labels = OnnxRuntimeRunner(mobilenet_onnx)(validation).argmax(1)
+    config = QuantizationConfig(max_accuracy_drop=0.01).for_target("onnxruntime")
+    inputs = BuildInputs(
+        mobilenet_onnx,
+        SIZE,
+        10,
+        "mobilenet",
+        config,
+        calibration=calib[:8],
+        validation_images=validation,
+        validation_labels=labels,
+    )
+    facts = get_target("onnxruntime").build(inputs, "int8", tmp_path)
+    aware = facts["accuracy_aware"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", SENSITIVITY_JSON, SENSITIVITY_MD]
+    report = json.loads((tmp_path / SENSITIVITY_JSON).read_text())
+    assert (tmp_path / SENSITIVITY_MD).read_text().startswith("# INT8 sensitivity")
+    assert aware["fp32_top1"] == 100.0 and aware["int8_top1_all_quantized"] < 100.0
+    assert len(aware["nodes_kept_fp32"]) >= 1 and aware["met"] == (aware["accuracy_drop"] <= 0.01)
+    assert aware["int8_top1"] == pytest.approx(100.0 - aware["accuracy_drop"])
+    assert len(report["nodes"]) == aware["candidates"]
+    assert {n["node"] for n in report["nodes"] if n["kept_fp32"]} == set(aware["nodes_kept_fp32"])
+    assert set(report["nodes"][0]) >= {"node", "op_type", "top1_gain", "logit_mse_reduction", "kept_fp32"}
+    assert set(aware["nodes_kept_fp32"]) <= set(facts["nodes_excluded"])
+    # the artifact is the model with those nodes in FP32, and it runs
+    assert OnnxRuntimeRunner(tmp_path / "model.onnx")(validation[:2]).shape == (2, 10)
