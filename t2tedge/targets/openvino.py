@@ -1,0 +1,456 @@
+"""OpenVINO on CPU: IR in FP32 or FP16-compressed, INT8 through NNCF post-training quantization.
+
+The artifact is ``model.xml``/``model.bin`` plus ``compile.json``, which says how the IR is compiled:
+FP32 artifacts always compile with ``INFERENCE_PRECISION_HINT=f32`` (on a CPU with BF16 the plugin
+default is bf16, which would silently turn an "fp32" number into a bf16 one); FP16/INT8 artifacts use
+the configured hint or the plugin default. What the plugin actually chose is recorded at build time
+and exposed on the runner, because the default differs between hosts.
+
+INT8 choices for T2T-ViT, measured at 224 px (random weights) on an AMD EPYC with AVX-512 VNNI + BF16:
+- ``ModelType.TRANSFORMER``: NNCF quantizes only MatMul inputs; softmax, LayerNorm, GELU and residual
+  adds stay in floating point (bf16 here). That is 52 FakeQuantize ops on t2t_vit_7 instead of 123 in
+  NNCF's default mode (98 vs 180 on t2t_vit_t_14) and 6-8x less output deviation from FP32 (1 - cosine
+  1e-4 vs 8e-4; 2e-4 vs 1.5e-3), at the same latency: 1-thread CPU time 13.3 vs 13.6 ms (t2t_vit_7) and
+  47.7 vs 48.4 ms (t2t_vit_t_14, whose 3136x3136 token attention runs int8 in both modes); on 2 shared
+  cores the two modes trade places within the +-10% noise.
+- The Performer kernel of the ``t2t_vit_*`` token layers stays out of INT8 (``_performer_kernel_ops``):
+  the random-feature projections and the three activation x activation MatMuls around exp(.) are <3%
+  of the MACs, their operands span orders of magnitude (per-tensor int8 zeroes the small features and
+  can zero the normaliser D), and the CPU plugin ran one of them in f32 with extra requantize/reorder
+  nodes anyway; keeping them in bf16 removed 14 FakeQuantize ops and was not slower.
+- SmoothQuant stays at NNCF's transformer default (alpha 0.95): its per-channel scales become 26 extra
+  executed nodes and cost ~5% at 1 thread (12.5 vs 13.3 ms with ``smooth_quant_alpha: -1``), but it is
+  what protects trained ViTs whose LayerNorm outputs carry outlier channels.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import re
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from t2tedge.errors import T2tedgeError
+from t2tedge.evaluation.accuracy import topk_accuracy
+from t2tedge.pipeline.store import Artifact, write_json
+from t2tedge.progress import log
+from t2tedge.targets.base import Availability, BuildInputs, check_precision, register_target
+
+MODEL_XML = "model.xml"
+MODEL_BIN = "model.bin"
+COMPILE_FILE = "compile.json"
+SENSITIVITY_JSON = "sensitivity.json"
+SENSITIVITY_MD = "sensitivity.md"
+DEVICE = "CPU"
+
+
+def compile_properties(precision_hint: str | None, threads: int | None) -> dict[str, Any]:
+    """CPU compile properties: latency mode, an explicit precision hint when given, a thread count."""
+    properties: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY"}
+    if precision_hint:
+        properties["INFERENCE_PRECISION_HINT"] = precision_hint
+    if threads:
+        properties["INFERENCE_NUM_THREADS"] = int(threads)
+    return properties
+
+
+def requested_hint(precision: str, config: dict[str, Any]) -> str | None:
+    """FP32 always runs f32; FP16/INT8 take the configured hint, None meaning the plugin default."""
+    return "f32" if precision == "fp32" else config.get("inference_precision")
+
+
+class OpenVinoRunner:
+    """A compiled IR on CPU; feeds a fixed-batch model in chunks of its batch size."""
+
+    def __init__(self, xml_path: Path, precision_hint: str | None = None, threads: int | None = None) -> None:
+        import openvino as ov
+
+        core = ov.Core()
+        self.compiled = core.compile_model(
+            core.read_model(xml_path), DEVICE, compile_properties(precision_hint, threads)
+        )
+        self.precision_hint_requested = precision_hint
+        # What the plugin actually runs in (bf16 by default on CPUs with AVX-512 BF16 or AMX).
+        self.inference_precision = self.compiled.get_property("INFERENCE_PRECISION_HINT").to_string()
+        self.threads = int(self.compiled.get_property("INFERENCE_NUM_THREADS"))
+        self.request = self.compiled.create_infer_request()
+        batch = self.compiled.input(0).get_partial_shape()[0]
+        self.fixed_batch = batch.get_length() if batch.is_static else None
+
+    def _run(self, images: np.ndarray) -> np.ndarray:
+        # infer() copies outputs out of the request, so reusing one request is safe.
+        return self.request.infer({0: images})[0]
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        images = np.ascontiguousarray(images, dtype=np.float32)
+        step = self.fixed_batch
+        if step is None or images.shape[0] == step:
+            return self._run(images)
+        if len(images) % step:
+            raise ValueError(f"batch of {len(images)} images does not split into the model's fixed batch {step}")
+        return np.concatenate([self._run(images[i : i + step]) for i in range(0, len(images), step)])
+
+
+class OpenVinoTarget:
+    """OpenVINO IR for the CPU plugin: fp32, fp16 (compressed weights) and int8 (NNCF)."""
+
+    name = "openvino"
+    precisions = ("fp32", "fp16", "int8")
+
+    def availability(self) -> Availability:
+        try:
+            import openvino  # noqa: F401
+        except ImportError:
+            return Availability(False, False, "openvino is not installed (pip install openvino nncf)")
+        return Availability(True, True)
+
+    def needs_calibration(self, precision: str) -> bool:
+        return precision == "int8"
+
+    def tool_versions(self) -> dict[str, str]:
+        import openvino
+
+        versions = {"openvino": openvino.get_version()}
+        try:
+            import nncf
+
+            versions["nncf"] = nncf.__version__
+        except ImportError:
+            pass
+        return versions
+
+    def build(self, inputs: BuildInputs, precision: str, out_dir: Path) -> dict[str, Any]:
+        import openvino as ov
+
+        check_precision(self, precision)
+        model = ov.convert_model(str(inputs.onnx_path))
+        facts: dict[str, Any] = {"device": DEVICE}
+        if precision == "int8":
+            model, facts["quantization"] = quantize(model, inputs, out_dir)
+            facts["fake_quantize_ops"] = count_ops(model, "FakeQuantize")
+        ov.save_model(model, out_dir / MODEL_XML, compress_to_fp16=precision == "fp16")
+        hint = requested_hint(precision, inputs.config)
+        write_json(out_dir / COMPILE_FILE, {"precision": precision, "INFERENCE_PRECISION_HINT": hint})
+        runner = OpenVinoRunner(out_dir / MODEL_XML, hint)
+        facts.update(
+            {
+                "inference_precision_hint": hint or "plugin default",
+                "inference_precision_used": runner.inference_precision,
+                "compress_to_fp16": precision == "fp16",
+                "ir_bytes": (out_dir / MODEL_XML).stat().st_size + (out_dir / MODEL_BIN).stat().st_size,
+                "tools": self.tool_versions(),
+            }
+        )
+        return facts
+
+    def load(self, artifact: Artifact, threads: int | None = None) -> OpenVinoRunner:
+        settings = json.loads(artifact.file(COMPILE_FILE).read_text())
+        return OpenVinoRunner(artifact.file(MODEL_XML), settings["INFERENCE_PRECISION_HINT"], threads)
+
+
+def count_ops(model: Any, op_type: str) -> int:
+    return sum(op.get_type_name() == op_type for op in model.get_ordered_ops())
+
+
+# ---- INT8 -------------------------------------------------------------------------------------------
+
+
+def quantization_settings(inputs: BuildInputs, model: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The keyword arguments for nncf.quantize and a JSON-able record of them for the manifest."""
+    import nncf
+    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, AdvancedSmoothQuantParameters
+    from nncf.quantization.range_estimator import (
+        AggregatorType,
+        RangeEstimatorParameters,
+        StatisticsCollectorParameters,
+        StatisticsType,
+    )
+
+    cfg = inputs.config
+    model_type = cfg.get("model_type", "auto")
+    transformer = model_type == "transformer" or (model_type == "auto" and inputs.family == "t2t_vit")
+    scope = cfg.get("ignored_scope") or {}
+    auto_names = _performer_kernel_ops(inputs.onnx_path, model) if inputs.family == "t2t_vit" else []
+    names = sorted(set(scope.get("names", [])) | set(auto_names))
+    types, patterns = list(scope.get("types", [])), list(scope.get("patterns", []))
+
+    advanced: dict[str, Any] = {}
+    method = cfg.get("method", "minmax")
+    if method == "percentile":
+        outlier = 1.0 - float(cfg.get("percentile", 99.999)) / 100.0
+        quantile = StatisticsCollectorParameters(
+            statistics_type=StatisticsType.QUANTILE, aggregator_type=AggregatorType.MEAN, quantile_outlier_prob=outlier
+        )
+        advanced["activations_range_estimator_params"] = RangeEstimatorParameters(min=quantile, max=quantile)
+        ranges = f"mean over images of the {100 * outlier:g}% / {100 - 100 * outlier:g}% quantiles"
+    else:
+        ranges = "NNCF default: mean over images of per-image min/max"
+    alpha = cfg.get("smooth_quant_alpha")
+    if alpha is not None:
+        advanced["smooth_quant_alphas"] = AdvancedSmoothQuantParameters(matmul=float(alpha))
+
+    kwargs: dict[str, Any] = {
+        "preset": nncf.QuantizationPreset(cfg.get("preset", "performance")),
+        "fast_bias_correction": bool(cfg.get("fast_bias_correction", True)),
+        "model_type": nncf.ModelType.TRANSFORMER if transformer else None,
+        "subset_size": len(inputs.calibration),
+    }
+    if names or types or patterns:
+        kwargs["ignored_scope"] = nncf.IgnoredScope(names=names, types=types, patterns=patterns)
+    if advanced:
+        kwargs["advanced_parameters"] = AdvancedQuantizationParameters(**advanced)
+    record = {
+        "tool": "nncf",
+        "method": method if method in ("minmax", "percentile") else "minmax",
+        "activation_ranges": ranges,
+        "model_type": "transformer" if transformer else "default",
+        "preset": kwargs["preset"].value,
+        "fast_bias_correction": kwargs["fast_bias_correction"],
+        # NNCF's default: alpha 0.95 on MatMuls in transformer mode, SmoothQuant off otherwise.
+        "smooth_quant_alpha": alpha if alpha is not None else ("0.95 (nncf default)" if transformer else "off"),
+        "subset_size": kwargs["subset_size"],
+        "ignored_scope": {"names": names, "types": types, "patterns": patterns},
+        "ignored_automatically": {"names": auto_names, "why": "Performer kernel of the T2T token layers"}
+        if auto_names
+        else {},
+    }
+    if method not in ("minmax", "percentile"):
+        record["note"] = f"NNCF offers no {method!r} calibration for OpenVINO; used its min/max default"
+    return kwargs, record
+
+
+def _performer_kernel_ops(onnx_path: Path, model: Any) -> list[str]:
+    """MatMuls that belong to a TokenPerformer module itself (not to its Linear layers).
+
+    The exporter records each node's module path in the ONNX ``namespace`` metadata; OpenVINO keeps the
+    ONNX node names, so the names found here are the ones NNCF sees.
+    """
+    import onnx
+
+    present = {op.get_friendly_name() for op in model.get_ordered_ops()}
+    found = []
+    for node in onnx.load(str(onnx_path), load_external_data=False).graph.node:
+        if node.op_type != "MatMul" or node.name not in present:
+            continue
+        namespace = next((p.value for p in node.metadata_props if p.key == "namespace"), "")
+        owner = namespace.split("/")[-2] if namespace.count("/") else ""
+        if owner.endswith("TokenPerformer"):
+            found.append(node.name)
+    return found
+
+
+def quantize(model: Any, inputs: BuildInputs, out_dir: Path) -> tuple[Any, dict[str, Any]]:
+    """nncf.quantize, or quantize_with_accuracy_control when a maximum accuracy drop is configured."""
+    import nncf
+
+    if inputs.calibration is None or not len(inputs.calibration):
+        raise T2tedgeError("openvino int8 needs calibration images")
+    kwargs, record = quantization_settings(inputs, model)
+    calibration = nncf.Dataset(_batches(inputs.calibration))
+    max_drop = inputs.config.get("max_accuracy_drop")
+    if max_drop is not None and (inputs.validation_images is None or inputs.validation_labels is None):
+        raise T2tedgeError("accuracy-aware quantization needs labelled validation images")
+    try:
+        if max_drop is None:
+            with quiet_nncf():
+                return nncf.quantize(model, calibration, **kwargs), record
+        quantized, sensitivity = _quantize_with_accuracy_control(model, calibration, inputs, kwargs, float(max_drop))
+    except nncf.ValidationError as exc:  # e.g. an ignored-scope name that is not in the model
+        raise T2tedgeError(f"openvino int8: {str(exc).splitlines()[0]}") from None
+    write_json(out_dir / SENSITIVITY_JSON, sensitivity)
+    (out_dir / SENSITIVITY_MD).write_text(sensitivity_markdown(sensitivity))
+    record["accuracy_control"] = {
+        k: sensitivity[k]
+        for k in ("max_drop_points", "fp32_top1", "int8_top1_before", "int8_top1", "achieved_drop_points", "images")
+    }
+    record["accuracy_control"]["reverted_operations"] = sensitivity["reverted_operations"]
+    log(
+        f"  openvino int8 accuracy control: top-1 {sensitivity['fp32_top1']:.2f}% -> {sensitivity['int8_top1']:.2f}% "
+        f"({len(sensitivity['reverted_operations'])} operations kept in floating point)"
+    )
+    return quantized, record
+
+
+def _batches(images: np.ndarray) -> list[np.ndarray]:
+    return [np.ascontiguousarray(images[i : i + 1], dtype=np.float32) for i in range(len(images))]
+
+
+def _top1(compiled: Any, items: Any) -> float:
+    """Top-1 as a fraction, the metric NNCF's accuracy control compares (absolute drop)."""
+    logits, labels = [], []
+    request = compiled.create_infer_request()
+    for image, label in items:
+        logits.append(request.infer({0: image})[0])
+        labels.append(label)
+    return topk_accuracy(np.concatenate(logits), np.asarray(labels), 1) / 100.0
+
+
+def _quantize_with_accuracy_control(
+    model: Any, calibration: Any, inputs: BuildInputs, kwargs: dict[str, Any], max_drop_points: float
+) -> tuple[Any, dict[str, Any]]:
+    import nncf
+    import openvino as ov
+
+    labels = np.asarray(inputs.validation_labels)
+    items = list(zip(_batches(inputs.validation_images), labels.tolist(), strict=True))
+    # validation_fn sees (image, label) items; NNCF's own inference on the set sees the image only.
+    validation = nncf.Dataset(items, lambda item: item[0])
+    advanced = kwargs.pop("advanced_parameters", None)
+    # Validated at the plugin's default precision hint, as NNCF compiles the models it compares.
+    core = ov.Core()
+    fp32_top1 = _top1(core.compile_model(model, DEVICE, compile_properties(None, None)), items)
+    with quiet_nncf(capture=True) as records:
+        quantized = nncf.quantize_with_accuracy_control(
+            model,
+            calibration,
+            validation,
+            _top1,
+            max_drop=max_drop_points / 100.0,
+            drop_type=nncf.DropType.ABSOLUTE,
+            advanced_quantization_parameters=advanced,
+            **kwargs,
+        )
+    final_compiled = core.compile_model(quantized, DEVICE, compile_properties(None, None))
+    final_top1 = _top1(final_compiled, items)
+    sensitivity = parse_accuracy_control_log(records)
+    initial_drop = sensitivity.pop("initial_drop")
+    sensitivity = {
+        "metric": "top-1 (%)",
+        "images": int(len(labels)),
+        "inference_precision": final_compiled.get_property("INFERENCE_PRECISION_HINT").to_string(),
+        "max_drop_points": max_drop_points,
+        "fp32_top1": 100.0 * fp32_top1,
+        "int8_top1_before": None if initial_drop is None else 100.0 * (fp32_top1 - initial_drop),
+        "int8_top1": 100.0 * final_top1,
+        "achieved_drop_points": 100.0 * (fp32_top1 - final_top1),
+        **sensitivity,
+    }
+    return quantized, sensitivity
+
+
+def parse_accuracy_control_log(messages: list[str]) -> dict[str, Any]:
+    """Per-step record of NNCF's greedy revert loop, read from its log (NNCF returns only the model).
+
+    Each step reverts one group of operations to floating point and re-validates. ``recovered_points``
+    is the top-1 that group won back relative to the model it was applied to; a step that made things
+    worse is undone by NNCF (``kept: false``) unless it directly follows another undone step.
+    """
+    initial_drop: float | None = None
+    steps: list[dict[str, Any]] = []
+    nncf_final: list[str] | None = None
+    exhausted = False
+    for message in messages:
+        head, _, rest = message.partition("\n")
+        names = [line.strip() for line in rest.splitlines() if line.strip()]
+        drop = _DROP.search(head)
+        if head.startswith("Accuracy drop: ") and drop:
+            initial_drop = float(drop.group(1))
+        elif head.startswith("Reverted ") and "floating-point precision" in head:
+            steps.append({"step": len(steps) + 1, "reverted": names, "drop_after_points": None})
+        elif steps and drop and head.startswith(_DROP_AFTER_STEP):
+            steps[-1]["drop_after_points"] = 100.0 * float(drop.group(1))
+        elif head.startswith("All layers have been checked"):
+            exhausted = True
+        elif " were reverted back to the floating-point precision" in head:
+            nncf_final = names
+    # Replay NNCF's accept/undo rule (QuantizationAccuracyRestorer._apply) over the logged drops.
+    accepted = nncf_previous = None if initial_drop is None else 100.0 * initial_drop
+    step_back = True
+    for index, step in enumerate(steps):
+        after = step["drop_after_points"]
+        step["recovered_points"] = None if accepted is None or after is None else accepted - after
+        last = index == len(steps) - 1
+        step["kept"] = last or after is None or step_back or nncf_previous is None or after <= nncf_previous
+        if step["kept"]:
+            accepted, step_back = after, False
+        else:
+            step_back = True
+        nncf_previous = after
+    kept = list(dict.fromkeys(name for step in steps if step["kept"] for name in step["reverted"]))
+    return {
+        "initial_drop": initial_drop,
+        "reverted_operations": nncf_final if nncf_final is not None else kept,
+        "all_layers_checked": exhausted,
+        "steps": steps,
+    }
+
+
+# NNCF's messages carry the drop as a fraction followed by the drop type: "... 0.0123 (DropType.ABSOLUTE)".
+_DROP = re.compile(r"(-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?) \(")
+_DROP_AFTER_STEP = ("Accuracy drop with the new quantization scope is ", "Algorithm completed: achieved required")
+
+
+def sensitivity_markdown(data: dict[str, Any]) -> str:
+    """A short human-readable version of sensitivity.json."""
+
+    def pct(value: float | None) -> str:
+        return "n/a" if value is None else f"{value:.2f}"
+
+    lines = [
+        "# INT8 accuracy control (NNCF)",
+        "",
+        f"Top-1 on {data['images']} validation images: FP32 {pct(data['fp32_top1'])}%, "
+        f"INT8 before {pct(data['int8_top1_before'])}%, after {pct(data['int8_top1'])}% "
+        f"(drop {pct(data['achieved_drop_points'])} points; allowed {data['max_drop_points']}).",
+        "",
+    ]
+    if data.get("all_layers_checked"):
+        lines += ["NNCF reverted every group it ranked without reaching the allowed drop.", ""]
+    if not data["steps"]:
+        lines.append("No layer was reverted: the fully quantized model was within the allowed drop.")
+    else:
+        lines += ["| step | reverted to floating point | drop after (points) | recovered (points) | kept |"]
+        lines += ["|---|---|---|---|---|"]
+        for step in data["steps"]:
+            lines.append(
+                f"| {step['step']} | {', '.join(step['reverted'])} | {pct(step['drop_after_points'])} | "
+                f"{pct(step['recovered_points'])} | {'yes' if step['kept'] else 'no'} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+@contextlib.contextmanager
+def quiet_nncf(capture: bool = False) -> Iterator[list[str]]:
+    """Keep NNCF off stdout (the CLI owns it): progress bars and warnings go to stderr, INFO is dropped.
+
+    With ``capture``, NNCF's INFO messages are collected into the yielded list instead.
+    """
+    from nncf.common.logging import nncf_logger
+
+    messages: list[str] = []
+
+    class _Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            messages.append(record.getMessage())
+
+    saved = [(handler, handler.level) for handler in nncf_logger.handlers]
+    saved_level = nncf_logger.level
+    collector = _Collect(logging.INFO)
+    warnings = logging.StreamHandler(sys.stderr)
+    warnings.setLevel(logging.WARNING)
+    warnings.setFormatter(logging.Formatter("nncf %(levelname)s: %(message)s"))
+    for handler, _ in saved:  # NNCF's own handler prints everything, warnings included, to stdout
+        handler.setLevel(logging.CRITICAL + 1)
+    nncf_logger.addHandler(warnings)
+    if capture:
+        nncf_logger.addHandler(collector)
+        nncf_logger.setLevel(logging.INFO)
+    try:
+        # NNCF's rich progress bars write to whatever sys.stdout is when they draw.
+        with contextlib.redirect_stdout(sys.stderr):
+            yield messages
+    finally:
+        nncf_logger.removeHandler(collector)
+        nncf_logger.removeHandler(warnings)
+        nncf_logger.setLevel(saved_level)
+        for handler, level in saved:
+            handler.setLevel(level)
+
+
+register_target(OpenVinoTarget())

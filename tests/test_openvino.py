@@ -1,0 +1,185 @@
+"""OpenVINO target on tiny 32 px models: FP32 parity, FP16 size, INT8 quantization, accuracy control."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from torchvision.models.mobilenetv2 import InvertedResidual
+
+from t2tedge.data.cache import preprocess
+from t2tedge.data.datasets import open_dataset
+from t2tedge.models import get_spec
+from t2tedge.models.spec import Preprocess
+from t2tedge.pipeline.export import export_onnx
+from t2tedge.pipeline.recipe import QuantizationConfig
+from t2tedge.pipeline.store import Artifact
+from t2tedge.targets import BuildInputs, get_target
+from t2tedge.targets.onnxruntime import OnnxRuntimeRunner
+
+ov = pytest.importorskip("openvino", reason="openvino is not installed")
+pytest.importorskip("nncf", reason="nncf is not installed")
+from t2tedge.targets.openvino import MODEL_BIN, MODEL_XML, parse_accuracy_control_log  # noqa: E402
+
+SIZE = 32
+FAMILIES = {"t2t_vit_7": "t2t_vit", "mobilenet_v2": "mobilenet"}
+
+
+@pytest.fixture(scope="module")
+def images() -> np.ndarray:
+    """24 real Fashion-MNIST training images at 32 px: 16 to calibrate, 8 to compare outputs."""
+    dataset = open_dataset("fashion_mnist:train")
+    pre = Preprocess(input_size=SIZE, resize_size=SIZE, interpolation="bilinear")
+    return preprocess(dataset, np.arange(24), pre, "test images")
+
+
+def _well_conditioned(model: torch.nn.Module, images: np.ndarray) -> torch.nn.Module:
+    """Make a randomly initialised MobileNet behave like a trained one for a quantization test.
+
+    Untouched, its activations shrink to ~1e-9; with BatchNorm statistics re-estimated on real images
+    it is chaotic instead (any 1% perturbation, int8 or not, decorrelates the logits). Damping the
+    residual branches (as zero-init-residual training starts out) gives a stable, non-trivial network.
+    """
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.reset_running_stats()
+            module.momentum = None  # cumulative average
+    model.train()
+    with torch.no_grad():
+        model(torch.from_numpy(images))
+        for module in model.modules():
+            if isinstance(module, InvertedResidual) and module.use_res_connect:
+                module.conv[-1].weight.mul_(0.3)  # the branch's last BatchNorm
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def onnx_models(images: np.ndarray, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("onnx")
+    paths = {}
+    for name in FAMILIES:
+        torch.manual_seed(0)
+        paths[name] = root / f"{name}.onnx"
+        model = _well_conditioned(get_spec(name).create(num_classes=10, image_size=SIZE), images[:16])
+        export_onnx(model, SIZE, paths[name])
+    return paths
+
+
+@pytest.fixture(scope="module")
+def build(onnx_models: dict[str, Path], images: np.ndarray, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """Build (once per model/precision/config) and return (artifact, facts)."""
+    cache: dict[str, tuple[Artifact, dict[str, Any]]] = {}
+
+    def _build(name: str, precision: str, labels: np.ndarray | None = None, **quant: Any) -> tuple[Artifact, dict]:
+        key = f"{name}-{precision}-{sorted(quant.items())}"
+        if key not in cache:
+            out = tmp_path_factory.mktemp(f"{name}-{precision}")
+            inputs = BuildInputs(
+                onnx_path=onnx_models[name],
+                image_size=SIZE,
+                num_classes=10,
+                family=FAMILIES[name],
+                config=QuantizationConfig(**quant).for_target("openvino") if precision == "int8" else {},
+                calibration=images[:16] if precision == "int8" else None,
+                validation_images=images[16:] if labels is not None else None,
+                validation_labels=labels,
+            )
+            facts = get_target("openvino").build(inputs, precision, out)
+            (out / "manifest.json").write_text(json.dumps({"precision": precision, "build": facts}))
+            cache[key] = (Artifact(out), facts)
+        return cache[key]
+
+    return _build
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+def test_fp32_ir_matches_onnxruntime_at_f32(build: Any, onnx_models: dict[str, Path], images: np.ndarray) -> None:
+    artifact, facts = build("t2t_vit_7", "fp32")
+    runner = get_target("openvino").load(artifact, threads=2)
+    assert facts["inference_precision_hint"] == facts["inference_precision_used"] == "f32"
+    assert runner.inference_precision == "f32" and runner.threads == 2
+    # a fixed-batch-1 IR still takes any batch
+    logits = runner(images[16:19])
+    reference = OnnxRuntimeRunner(onnx_models["t2t_vit_7"])(images[16:19])
+    assert logits.shape == (3, 10)
+    assert np.abs(logits - reference).max() <= 1e-4
+
+
+def test_fp16_ir_halves_the_weights(build: Any) -> None:
+    fp32, _ = build("t2t_vit_7", "fp32")
+    fp16, facts = build("t2t_vit_7", "fp16")
+    ratio = fp16.file(MODEL_BIN).stat().st_size / fp32.file(MODEL_BIN).stat().st_size
+    assert 0.45 < ratio < 0.55
+    assert facts["compress_to_fp16"] and facts["inference_precision_used"] in ("bf16", "f16", "f32")
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_int8_ir_is_quantized_and_follows_fp32(name: str, build: Any, images: np.ndarray) -> None:
+    fp32, _ = build(name, "fp32")
+    int8, facts = build(name, "int8")
+    xml = int8.file(MODEL_XML).read_text()
+    assert facts["fake_quantize_ops"] > 0 and xml.count('type="FakeQuantize"') == facts["fake_quantize_ops"]
+    assert facts["quantization"]["model_type"] == ("transformer" if name.startswith("t2t") else "default")
+    target = get_target("openvino")
+    held_out = images[16:]
+    cosine = _cosine(target.load(int8)(held_out), target.load(fp32)(held_out))
+    # measured: ~0.999 (T2T-ViT-7), ~0.985 (MobileNetV2); wrong ranges or a broken graph land far lower
+    assert cosine.mean() > (0.99 if name.startswith("t2t") else 0.95), cosine
+
+
+def test_t2t_performer_kernel_stays_out_of_int8(build: Any) -> None:
+    _, facts = build("t2t_vit_7", "int8")
+    ignored = facts["quantization"]["ignored_automatically"]["names"]
+    # two token layers x (two random-feature projections + three activation x activation MatMuls)
+    assert len(ignored) == 10
+
+
+def test_accuracy_control_writes_sensitivity(build: Any, images: np.ndarray) -> None:
+    # Labels = the FP32 model's own predictions, so FP32 scores 100% and any INT8 flip is a drop.
+    fp32, _ = build("t2t_vit_7", "fp32")
+    labels = get_target("openvino").load(fp32)(images[16:]).argmax(1)
+    artifact, facts = build("t2t_vit_7", "int8", labels=labels, max_accuracy_drop=0.01)
+    sensitivity = json.loads(artifact.file("sensitivity.json").read_text())
+    assert sensitivity["fp32_top1"] == pytest.approx(100.0)
+    assert sensitivity["achieved_drop_points"] == pytest.approx(100.0 - sensitivity["int8_top1"])
+    assert sensitivity["images"] == 8 and isinstance(sensitivity["steps"], list)
+    assert artifact.file("sensitivity.md").read_text().startswith("# INT8 accuracy control")
+    assert facts["quantization"]["accuracy_control"]["max_drop_points"] == 0.01
+
+
+def test_accuracy_control_log_is_read_per_step() -> None:
+    # The messages NNCF logs while it reverts groups of operations; step 2 made things worse and was undone.
+    messages = [
+        "Accuracy drop: 0.05 (DropType.ABSOLUTE)",
+        "Reverted 1 operations to the floating-point precision: \n\tnode_a",
+        "Accuracy drop with the new quantization scope is 0.03 (DropType.ABSOLUTE)",
+        "Reverted 1 operations to the floating-point precision: \n\tnode_x",
+        "Accuracy drop with the new quantization scope is 0.04 (DropType.ABSOLUTE)",
+        "Re-calculating ranking scores for remaining groups",
+        "Reverted 2 operations to the floating-point precision: \n\tnode_b\n\tnode_c",
+        "Algorithm completed: achieved required accuracy drop 0.005 (DropType.ABSOLUTE)",
+        "3 out of 40 were reverted back to the floating-point precision:\n\tnode_a\n\tnode_b\n\tnode_c",
+    ]
+    parsed = parse_accuracy_control_log(messages)
+    assert parsed["initial_drop"] == 0.05 and not parsed["all_layers_checked"]
+    assert parsed["reverted_operations"] == ["node_a", "node_b", "node_c"]
+    first, undone, last = parsed["steps"]
+    assert first["kept"] and first["recovered_points"] == pytest.approx(2.0)
+    assert not undone["kept"] and undone["recovered_points"] == pytest.approx(-1.0)
+    assert last["kept"] and last["reverted"] == ["node_b", "node_c"]
+    assert last["drop_after_points"] == pytest.approx(0.5) and last["recovered_points"] == pytest.approx(2.5)
+
+
+def test_unavailable_without_openvino(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "openvino", None)  # makes `import openvino` raise ImportError
+    availability = get_target("openvino").availability()
+    assert not availability.can_build and not availability.can_run
+    assert "pip install openvino" in availability.reason
