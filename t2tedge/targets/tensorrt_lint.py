@@ -1,0 +1,404 @@
+"""A lint of an ONNX graph against TensorRT's explicit-quantization (Q/DQ) rules and ONNX operator support.
+
+The rules come from TensorRT 10.1's ONNX parser (its operator matrix ships as
+``data/tensorrt-onnx-operators.csv``) and its documented Q/DQ constraints: INT8 only through
+QuantizeLinear/DequantizeLinear with zero point 0, activations quantized per tensor, weights per tensor or
+per channel on the output-channel axis (this project requires per channel). An ``error`` finding means the
+TensorRT build would fail or silently differ from what t2tedge promised; ``warning`` and ``info`` findings
+say what to watch for when building the engine.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+OPERATORS_CSV = Path(__file__).resolve().parent / "data" / "tensorrt-onnx-operators.csv"
+TENSORRT_VERSION = "10.1"
+OPSETS = (9, 20)  # the opsets the operator matrix covers
+ERROR, WARNING, INFO = "error", "warning", "info"
+Q_OP, DQ_OP = "QuantizeLinear", "DequantizeLinear"
+# Quantized element types TensorRT's Q/DQ accept (INT8, FP8 E4M3, INT4); by ONNX TensorProto code.
+QDQ_TYPES = {3: "INT8", 17: "FLOAT8E4M3FN", 22: "INT4"}
+TYPE_NAMES = {1: "FLOAT", 2: "UINT8", 3: "INT8", 6: "INT32", 7: "INT64", 10: "FLOAT16", 16: "BFLOAT16", 21: "UINT4"}
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One lint result; ``node`` is the ONNX node (or graph input) it is about, empty for the file."""
+
+    severity: str
+    node: str
+    op: str
+    rule: str
+    message: str
+
+    def to_dict(self) -> dict[str, str]:
+        return asdict(self)
+
+
+@functools.lru_cache(maxsize=1)
+def supported_operators() -> dict[str, bool]:
+    """Operator name -> supported by TensorRT's ONNX parser (from the bundled matrix)."""
+    with OPERATORS_CSV.open(newline="") as fh:
+        return {row["operator"]: row["supported"].strip() == "Y" for row in csv.DictReader(fh)}
+
+
+def has_errors(findings: Iterable[Finding]) -> bool:
+    return any(f.severity == ERROR for f in findings)
+
+
+def summarize(findings: list[Finding]) -> dict[str, Any]:
+    """Counts by severity and the findings themselves, for a manifest."""
+    counts = {s: sum(f.severity == s for f in findings) for s in (ERROR, WARNING, INFO)}
+    return {**counts, "findings": [f.to_dict() for f in findings]}
+
+
+def lint(model_path: str | Path) -> list[Finding]:
+    """Check an ONNX file against TensorRT's operator support and Q/DQ rules; errors first."""
+    import onnx
+
+    path = Path(model_path)
+    if not path.is_file():
+        return [Finding(ERROR, "", "", "onnx-file", f"{path} does not exist")]
+    try:
+        model = onnx.load(path, load_external_data=False)
+    except Exception as exc:  # protobuf raises several types for a file that is not ONNX
+        return [Finding(ERROR, "", "", "onnx-file", f"{path} is not an ONNX model ({type(exc).__name__})")]
+    if not model.graph.node:
+        return [Finding(ERROR, "", "", "onnx-file", f"{path} is not an ONNX model (no graph nodes)")]
+    findings = [*_check_opset(model), *_check_io(model), *_check_order(model)]
+    findings += _check_operators(model)
+    findings += _QdqRules(model).check()
+    order = {ERROR: 0, WARNING: 1, INFO: 2}
+    return sorted(findings, key=lambda f: order[f.severity])
+
+
+def _check_opset(model: Any) -> list[Finding]:
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    if opset is not None and opset < 17:
+        return [
+            Finding(
+                WARNING,
+                "",
+                "",
+                "opset",
+                f"opset {opset} has no LayerNormalization: a transformer's LayerNorm arrives decomposed "
+                "(ReduceMean/Sub/Pow/Sqrt), which overflows in FP16; re-export with opset >= 17",
+            )
+        ]
+    if opset is None or opset <= OPSETS[1]:
+        return []
+    return [
+        Finding(
+            WARNING,
+            "",
+            "",
+            "opset",
+            f"opset {opset} is outside {OPSETS[0]}-{OPSETS[1]}, the range TensorRT {TENSORRT_VERSION}'s ONNX parser "
+            "documents; a newer TensorRT may parse it, or re-export with --opset 18",
+        )
+    ]
+
+
+def _check_io(model: Any) -> list[Finding]:
+    findings = []
+    initializers = {i.name for i in model.graph.initializer}
+    for value in [v for v in model.graph.input if v.name not in initializers]:
+        tensor = value.type.tensor_type
+        dims = [d.dim_param or (str(d.dim_value) if d.HasField("dim_value") else "?") for d in tensor.shape.dim]
+        dynamic = [i for i, d in enumerate(tensor.shape.dim) if not d.HasField("dim_value") or d.dim_value <= 0]
+        if dynamic == [0]:
+            findings.append(
+                Finding(
+                    INFO,
+                    value.name,
+                    "input",
+                    "dynamic-shape",
+                    f"input {value.name!r} has a dynamic batch ({'x'.join(dims)}): TensorRT needs an optimization "
+                    "profile; build_engine.py sets one (--min/--opt/--max-batch) and trtexec.sh passes "
+                    "--minShapes/--optShapes/--maxShapes",
+                )
+            )
+        elif dynamic:
+            findings.append(
+                Finding(
+                    WARNING,
+                    value.name,
+                    "input",
+                    "dynamic-shape",
+                    f"input {value.name!r} has dynamic dims {dynamic} ({'x'.join(dims)}): TensorRT needs an "
+                    "optimization profile for every one; build_engine.py only profiles the batch axis, so "
+                    "export with a fixed image size",
+                )
+            )
+    for value in [*model.graph.input, *model.graph.output]:
+        if value.type.tensor_type.elem_type == 2:
+            findings.append(
+                Finding(
+                    INFO,
+                    value.name,
+                    "input" if value in model.graph.input else "output",
+                    "uint8-io",
+                    f"{value.name!r} is UINT8: TensorRT allows UINT8 only as a network input/output type (cast "
+                    "to float inside the network), which is the case here",
+                )
+            )
+    return findings
+
+
+def _check_order(model: Any) -> list[Finding]:
+    """Nodes must come after their inputs' producers (ONNX requires it; polygraphy and onnx.checker reject it)."""
+    graph = model.graph
+    known = {i.name for i in graph.initializer} | {i.name for i in graph.input} | {""}
+    produced = {out for node in graph.node for out in node.output}
+    for node in graph.node:
+        late = [i for i in node.input if i not in known and i in produced]
+        if late:
+            return [
+                Finding(
+                    WARNING,
+                    node.name,
+                    node.op_type,
+                    "topological-order",
+                    f"node reads {late[0]!r} before the node producing it: the graph is not topologically sorted "
+                    "(TensorRT's parser sorts it; onnx.checker and polygraphy reject it)",
+                )
+            ]
+        known.update(node.output)
+    return []
+
+
+def _check_operators(model: Any) -> list[Finding]:
+    supported = supported_operators()
+    findings = []
+    for node in model.graph.node:
+        if node.domain not in ("", "ai.onnx"):
+            findings.append(
+                Finding(
+                    ERROR,
+                    node.name,
+                    node.op_type,
+                    "custom-op",
+                    f"{node.domain}.{node.op_type} is not a standard ONNX op: TensorRT needs a plugin for it "
+                    "(quantize without ONNX Runtime-specific fusions)",
+                )
+            )
+        elif node.op_type not in supported:
+            findings.append(
+                Finding(
+                    ERROR,
+                    node.name,
+                    node.op_type,
+                    "unsupported-op",
+                    f"{node.op_type} is not in TensorRT {TENSORRT_VERSION}'s ONNX operator list",
+                )
+            )
+        elif not supported[node.op_type]:
+            findings.append(
+                Finding(
+                    ERROR,
+                    node.name,
+                    node.op_type,
+                    "unsupported-op",
+                    f"TensorRT {TENSORRT_VERSION}'s ONNX parser does not support {node.op_type}"
+                    + (
+                        ": express INT8 as QuantizeLinear/DequantizeLinear around float ops (QDQ format)"
+                        if node.op_type.startswith(("QLinear", "Dynamic")) or node.op_type.endswith("Integer")
+                        else ""
+                    ),
+                )
+            )
+    return findings
+
+
+# Which input of a consumer is its weight, and the axis holding its output channels.
+def _weight_axis(consumer: Any, index: int, rank: int) -> int | None:
+    attrs = {a.name: a.i for a in consumer.attribute if a.type == 2}  # INT attributes
+    if consumer.op_type == "Conv" and index == 1:
+        return 0
+    if consumer.op_type == "ConvTranspose" and index == 1:
+        return 1
+    if consumer.op_type == "Gemm" and index == 1:
+        return 0 if attrs.get("transB", 0) else 1
+    if consumer.op_type == "MatMul" and index == 1:
+        return rank - 1  # (K, N): the output columns
+    return None
+
+
+class _QdqRules:
+    """Q/DQ checks over one graph: types, zero points, scales, and per-tensor / per-channel placement."""
+
+    def __init__(self, model: Any) -> None:
+        from onnx import numpy_helper
+
+        graph = model.graph
+        self.constants = {i.name: i for i in graph.initializer}
+        for node in graph.node:
+            if node.op_type == "Constant":
+                value = next((a.t for a in node.attribute if a.name == "value"), None)
+                if value is not None:
+                    self.constants[node.output[0]] = value
+        self.to_array = numpy_helper.to_array
+        self.producers = {out: node for node in graph.node for out in node.output}
+        self.consumers: dict[str, list[tuple[Any, int]]] = {}
+        for node in graph.node:
+            for index, name in enumerate(node.input):
+                self.consumers.setdefault(name, []).append((node, index))
+        self.types = {v.name: v.type.tensor_type.elem_type for v in [*graph.value_info, *graph.input, *graph.output]}
+        self.types.update({name: t.data_type for name, t in self.constants.items()})
+        self.nodes = [n for n in graph.node if n.op_type in (Q_OP, DQ_OP)]
+
+    def check(self) -> list[Finding]:
+        findings: list[Finding] = []
+        for node in self.nodes:
+            findings += self._type_and_zero_point(node)
+            findings += self._scale(node)
+        return findings
+
+    def _array(self, name: str) -> np.ndarray | None:
+        tensor = self.constants.get(name)
+        return None if tensor is None else self.to_array(tensor)
+
+    def _quantized_type(self, node: Any) -> int:
+        """TensorProto element type of the quantized side of a Q or DQ node."""
+        if len(node.input) > 2 and node.input[2]:
+            zero = self.constants.get(node.input[2])
+            if zero is not None:
+                return zero.data_type
+            if node.input[2] in self.types:
+                return self.types[node.input[2]]
+        if node.op_type == DQ_OP:
+            source = node.input[0]
+            if source in self.types and self.types[source]:
+                return self.types[source]
+            producer = self.producers.get(source)
+            if producer is not None and producer.op_type == Q_OP:
+                return self._quantized_type(producer)
+        output_dtype = next((a.i for a in node.attribute if a.name == "output_dtype"), 0)
+        return output_dtype or 2  # ONNX's default without a zero point: UINT8
+
+    def _type_and_zero_point(self, node: Any) -> list[Finding]:
+        qtype = self._quantized_type(node)
+        findings = []
+        if qtype not in QDQ_TYPES:
+            name = TYPE_NAMES.get(qtype, f"type {qtype}")
+            if qtype == 2:
+                why = (
+                    "UINT8 Q/DQ is not supported: quantize activations as symmetric INT8 (TensorRT accepts UINT8 "
+                    "only as a network input/output type, never inside the network)"
+                )
+            elif qtype == 6:
+                why = "INT32 DequantizeLinear (a quantized bias) is not supported: keep biases in float"
+            else:
+                why = f"{name} Q/DQ is not supported (TensorRT takes INT8, FP8 or INT4)"
+            findings.append(Finding(ERROR, node.name, node.op_type, "qdq-type", f"{name}: {why}"))
+        if len(node.input) > 2 and node.input[2]:
+            zero = self._array(node.input[2])
+            if zero is None:
+                findings.append(
+                    Finding(
+                        ERROR,
+                        node.name,
+                        node.op_type,
+                        "qdq-zero-point",
+                        f"zero point {node.input[2]!r} is not a constant: TensorRT needs it at build time (and 0)",
+                    )
+                )
+            elif np.any(zero.astype(np.float64) != 0):
+                values = np.unique(zero).tolist()[:4]
+                findings.append(
+                    Finding(
+                        ERROR,
+                        node.name,
+                        node.op_type,
+                        "qdq-zero-point",
+                        f"zero point {values} is not 0: TensorRT supports symmetric quantization only "
+                        "(quantize with activation_symmetric=True)",
+                    )
+                )
+        return findings
+
+    def _is_weight(self, node: Any) -> bool:
+        """A Q/DQ on a constant: an initializer DQ, or the Q -> DQ pair of a float weight."""
+        source = node.input[0]
+        if source in self.constants:
+            return True
+        producer = self.producers.get(source)
+        return node.op_type == DQ_OP and producer is not None and producer.op_type == Q_OP and self._is_weight(producer)
+
+    def _scale(self, node: Any) -> list[Finding]:
+        scale = self._array(node.input[1])
+        if scale is None:
+            return [
+                Finding(
+                    ERROR,
+                    node.name,
+                    node.op_type,
+                    "qdq-scale",
+                    f"scale {node.input[1]!r} is not a constant: TensorRT needs Q/DQ scales at build time",
+                )
+            ]
+        findings = []
+        if not np.all(np.isfinite(scale)) or np.any(scale <= 0):
+            findings.append(
+                Finding(ERROR, node.name, node.op_type, "qdq-scale", "scale has zero, negative or non-finite values")
+            )
+        if not self._is_weight(node):
+            if scale.size != 1:
+                findings.append(
+                    Finding(
+                        ERROR,
+                        node.name,
+                        node.op_type,
+                        "activation-per-tensor",
+                        f"activation scale has {scale.size} values: TensorRT quantizes activations per tensor only",
+                    )
+                )
+            return findings
+        if node.op_type == DQ_OP:
+            findings += self._weight_axis(node, scale)
+        return findings
+
+    def _weight_axis(self, node: Any, scale: np.ndarray) -> list[Finding]:
+        weight = self._array(node.input[0])
+        if weight is None:  # a float weight behind its own Q
+            weight = self._array(self.producers[node.input[0]].input[0])
+        rank = weight.ndim
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+        axis = axis + rank if axis < 0 else axis
+        findings = []
+        for consumer, index in self.consumers.get(node.output[0], []):
+            expected = _weight_axis(consumer, index, rank)
+            if expected is None:
+                continue
+            where = f"weight of {consumer.op_type} {consumer.name!r}"
+            if scale.size == 1:
+                findings.append(
+                    Finding(
+                        ERROR,
+                        node.name,
+                        node.op_type,
+                        "weight-per-channel",
+                        f"per-tensor scale on the {where}: per-channel scales on axis {expected} "
+                        f"({weight.shape[expected]} output channels) are required",
+                    )
+                )
+            elif axis != expected or scale.size != weight.shape[expected]:
+                findings.append(
+                    Finding(
+                        ERROR,
+                        node.name,
+                        node.op_type,
+                        "weight-per-channel",
+                        f"per-channel scale on axis {axis} ({scale.size} values) for the {where}: its output "
+                        f"channels are axis {expected} ({weight.shape[expected]} values)",
+                    )
+                )
+        return findings
