@@ -1,6 +1,6 @@
 """Deployment targets, one module each, behind the protocol in `base`."""
 
-from t2tedge.targets import onnxruntime  # noqa: F401  (registration side effect)
+from t2tedge.targets import coreml, onnxruntime, openvino, tensorrt  # noqa: F401  (registration side effects)
 from t2tedge.targets.base import (
     Availability,
     BuildInputs,
