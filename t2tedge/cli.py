@@ -226,6 +226,38 @@ def demo(
     build("demo", output_dir=output_dir, target=None, precision=None, limit=None)
 
 
+@app.command("tensorrt-lint")
+def tensorrt_lint(
+    model: Annotated[Path, typer.Argument(help="ONNX file, e.g. a tensorrt artifact's model.onnx")],
+) -> None:
+    """Check an ONNX graph against TensorRT's operator support and Q/DQ rules; exit 1 on any error."""
+    from t2tedge.targets.tensorrt_lint import has_errors, lint
+
+    findings = lint(model)
+    table = Table(title=f"TensorRT lint: {model}")
+    for column in ("severity", "node", "op", "rule", "message"):
+        table.add_column(column, overflow="fold")
+    colors = {"error": "red", "warning": "yellow", "info": "cyan"}
+    for f in findings:
+        table.add_row(f"[{colors[f.severity]}]{f.severity}[/]", f.node, f.op, f.rule, f.message)
+    if findings:
+        out.print(table)
+    errors = sum(f.severity == "error" for f in findings)
+    out.print(f"{model}: {errors} errors, {len(findings) - errors} warnings/notes")
+    if has_errors(findings):
+        raise typer.Exit(1)
+
+
+@app.command("tensorrt-engine")
+def tensorrt_engine(
+    artifact: Annotated[Path, typer.Argument(help="a tensorrt artifact directory (holds manifest.json)")],
+) -> None:
+    """Build the TensorRT engine of an artifact on this host (needs tensorrt and a CUDA GPU)."""
+    from t2tedge.targets.tensorrt import build_engine
+
+    out.print(f"engine: {build_engine(artifact)}")
+
+
 def main() -> None:
     """Console entry point: user errors become one line on stderr and exit code 2."""
     try:

@@ -70,3 +70,12 @@ def test_train_on_empty_folder_writes_nothing(tmp_path: Path) -> None:
 def test_every_command_has_help(command: str) -> None:
     result = _run(command, "--help")
     assert result.returncode == 0 and "Usage" in result.stdout
+
+
+def test_models_table_shows_counted_and_paper_numbers() -> None:
+    result = _run("models", "--no-macs")
+    assert result.returncode == 0, result.stderr
+    rows = {line.split("│")[1].strip(): line for line in result.stdout.splitlines() if line.count("│") > 5}
+    assert {"t2t_vit_7", "t2t_vit_t_24", "t2t_vit_14_wide", "mobilenet_v3_small"} <= rows.keys()
+    cells = [c.strip() for c in rows["t2t_vit_14"].split("│")]
+    assert cells[4] == "21.55" and cells[6] == "21.5"  # counted params beside the paper's

@@ -246,9 +246,11 @@ class Builder:
         }
         needs_calibration = target.needs_calibration(precision)
         quant = self.recipe.quantization
+        # Target settings (e.g. OpenVINO's precision hint) matter for every precision, so they are
+        # always passed and hashed; the calibration set only where the precision is calibrated.
+        inputs["quantization"] = {**quant.for_target(target_name), "preprocess": ctx.loaded.preprocess.to_dict()}
         if needs_calibration:
             inputs["calibration"] = calib.key
-            inputs["quantization"] = quant.for_target(target_name)
             if quant.max_accuracy_drop is not None:
                 inputs["accuracy_control"] = val.key
         started = time.perf_counter()
@@ -260,7 +262,7 @@ class Builder:
                     image_size=ctx.loaded.image_size,
                     num_classes=ctx.loaded.num_classes,
                     family=ctx.loaded.spec.family,
-                    config=inputs.get("quantization", {}),
+                    config=inputs["quantization"],
                     torch_model=ctx.loaded.model,
                 )
                 if needs_calibration:

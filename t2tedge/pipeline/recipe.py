@@ -74,6 +74,19 @@ class OnnxRuntimeQuantConfig(_Strict):
     exclude_nodes: list[str] = Field(default_factory=list, description="node names kept in FP32")
 
 
+class TensorRtConfig(_Strict):
+    activation_matmuls: bool = Field(False, description="also put Q/DQ on attention MatMuls (off: hurts T2T accuracy)")
+    exclude_nodes: list[str] = Field(default_factory=list, description="node names kept in FP16")
+
+
+class CoreMlConfig(_Strict):
+    minimum_deployment_target: str = Field("iOS17", description="coremltools target, e.g. iOS17 or macOS14")
+    input_type: Literal["tensor", "image"] = "tensor"
+    compute_units: Literal["ALL", "CPU_ONLY", "CPU_AND_NE", "CPU_AND_GPU"] = Field(
+        "ALL", description="used where Core ML can run (macOS)"
+    )
+
+
 class QuantizationConfig(_Strict):
     method: Literal["minmax", "percentile", "entropy"] = "minmax"
     percentile: float = Field(99.999, gt=50, le=100)
@@ -81,10 +94,12 @@ class QuantizationConfig(_Strict):
     accuracy_subset: int = Field(300, gt=0, description="validation images used by accuracy-aware quantization")
     openvino: OpenVinoConfig = OpenVinoConfig()
     onnxruntime: OnnxRuntimeQuantConfig = OnnxRuntimeQuantConfig()
+    tensorrt: TensorRtConfig = TensorRtConfig()
+    coreml: CoreMlConfig = CoreMlConfig()
 
     def for_target(self, target: str) -> dict[str, Any]:
         """The shared settings plus the target's own section, as one dict."""
-        shared = self.model_dump(exclude={"openvino", "onnxruntime"})
+        shared = self.model_dump(exclude={"openvino", "onnxruntime", "tensorrt", "coreml"})
         own = getattr(self, target, None)
         return {**shared, **(own.model_dump() if isinstance(own, BaseModel) else {})}
 
