@@ -28,6 +28,7 @@ from t2tedge.calibration import select_indices
 from t2tedge.data.cache import preprocess
 from t2tedge.data.datasets import open_dataset
 from t2tedge.evaluation.accuracy import agreement
+from t2tedge.evaluation.latency import summarize, time_interleaved
 from t2tedge.models import get_spec
 from t2tedge.pipeline.build import host_info
 from t2tedge.pipeline.export import export_onnx
@@ -101,40 +102,6 @@ def build_variants(name: str, calibration: np.ndarray, threads: int, workdir: Pa
         "build": {"fake_quantize_ops": count_ops(plain, "FakeQuantize"), "build_seconds": seconds},
     }
     return variants
-
-
-def time_interleaved(
-    runners: dict[str, Any], image: np.ndarray, warmup: int, min_iters: int, min_seconds: float, round_iters: int
-) -> dict[str, list[float]]:
-    """Per-iteration latencies (s) of each runner, measured in alternating interleaved rounds."""
-    for runner in runners.values():
-        for _ in range(warmup):
-            runner(image)
-    times: dict[str, list[float]] = {key: [] for key in runners}
-    order = list(runners)
-    rounds = 0
-    while any(len(t) < min_iters or sum(t) < min_seconds for t in times.values()):
-        for key in order if rounds % 2 == 0 else order[::-1]:
-            runner, bucket = runners[key], times[key]
-            for _ in range(round_iters):
-                started = time.perf_counter()
-                runner(image)
-                bucket.append(time.perf_counter() - started)
-        rounds += 1
-    return times
-
-
-def summarize(seconds: list[float]) -> dict[str, Any]:
-    ms = np.asarray(seconds) * 1000.0
-    return {
-        "latency_ms_p50": round(float(np.median(ms)), 3),
-        "latency_ms_p90": round(float(np.percentile(ms, 90)), 3),
-        "latency_ms_p10": round(float(np.percentile(ms, 10)), 3),
-        "latency_ms_mean": round(float(ms.mean()), 3),
-        "latency_ms_std": round(float(ms.std()), 3),
-        "iterations": int(len(ms)),
-        "seconds": round(float(ms.sum() / 1000.0), 1),
-    }
 
 
 def main() -> None:

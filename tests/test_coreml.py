@@ -22,7 +22,7 @@ from t2tedge.models.spec import Preprocess  # noqa: E402
 from t2tedge.pipeline.store import Artifact, ArtifactStore  # noqa: E402
 from t2tedge.pipeline.validate import run_validation  # noqa: E402
 from t2tedge.targets import BuildInputs, get_target  # noqa: E402
-from t2tedge.targets.coreml import EMULATION_FILE, PACKAGE  # noqa: E402
+from t2tedge.targets.coreml import EMULATION_FILE, PACKAGE, _fp32_scopes, _half_except  # noqa: E402
 
 SIZE = 32
 PRE = Preprocess(input_size=SIZE, resize_size=SIZE, interpolation="bilinear")
@@ -138,6 +138,19 @@ def test_fp16_keeps_performer_math_fp32(build: Callable[..., Artifact], images, 
     assert runner.label == "emulated" and "float16" in runner.emulation
     assert _cosine(logits, reference).min() > 0.999
     assert not np.allclose(logits, reference, rtol=0, atol=1e-7)  # it really is half precision
+
+
+def test_fp32_scopes_keep_their_exact_tensors(models) -> None:
+    # A round trip through float16 would turn the Performer's 1e-8 normalizer guard into 0.
+    model = models["t2t_vit_7"]
+    scopes = _fp32_scopes(model)
+    mixed = _half_except(copy.deepcopy(model), scopes)
+    assert mixed.blocks[0].attn.qkv.weight.dtype == torch.float16
+    for scope in scopes:
+        original, kept = model.get_submodule(scope), mixed.get_submodule(scope)
+        assert kept.kqv.weight.dtype == torch.float16
+        for name, tensor in [*original.named_parameters(recurse=False), *original.named_buffers(recurse=False)]:
+            assert torch.equal(getattr(kept, name), tensor), name
 
 
 def test_fp32_emulation_matches_torch(build: Callable[..., Artifact], images, models) -> None:

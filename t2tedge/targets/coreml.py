@@ -293,9 +293,17 @@ def _tag_fp32_ops(program: torch.export.ExportedProgram, scopes: list[str]) -> i
 
 def _half_except(model: nn.Module, scopes: list[str]) -> nn.Module:
     """The model in float16, except the scopes' own math in fp32 (their child layers stay float16)."""
+    own = {}
+    for scope in scopes:
+        module = model.get_submodule(scope)
+        tensors = [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
+        own[scope] = {name: tensor.detach().clone() for name, tensor in tensors}
     model.half()
     for scope in scopes:
         module = model.get_submodule(scope).float()
+        with torch.no_grad():
+            for name, value in own[scope].items():
+                getattr(module, name).copy_(value)  # exact: the Performer's eps (1e-8) is 0 in float16
         _cast_io(module, inside=torch.float32, outside=torch.float16)
         for child in module.children():
             _cast_io(child.half(), inside=torch.float16, outside=torch.float32)

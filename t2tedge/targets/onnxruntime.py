@@ -86,23 +86,34 @@ class OnnxRuntimeTarget:
 
 
 def build_int8(inputs: BuildInputs, out_dir: Path) -> dict[str, Any]:
-    """Calibrate, quantize to QDQ and, with ``max_accuracy_drop`` set, keep the most sensitive nodes FP32."""
-    from t2tedge.calibration.onnx_qdq import QdqSettings, calibrate
+    """ONNX Runtime's QDQ graph (U8S8 by default) from the recipe's settings."""
+    from t2tedge.calibration.onnx_qdq import QdqSettings
 
-    if inputs.calibration is None or len(inputs.calibration) == 0:
-        raise T2tedgeError("onnxruntime int8 needs calibration images")
-    config = inputs.config
     try:
-        settings = QdqSettings.from_config(config)
+        settings = QdqSettings.from_config(inputs.config)
     except ValueError as exc:
         raise T2tedgeError(f"onnxruntime int8: {exc}") from None
-    model_path = out_dir / MODEL_FILE
-    with tempfile.TemporaryDirectory(prefix="t2tedge-ort-int8-") as tmp:
-        log(f"  onnxruntime/int8: calibrating on {len(inputs.calibration)} images ({settings.method})")
+    facts = quantize_with_budget(inputs, settings, out_dir / MODEL_FILE, out_dir, "onnxruntime/int8")
+    return {"providers": ["CPUExecutionProvider"], **facts}
+
+
+def quantize_with_budget(
+    inputs: BuildInputs, settings: Any, model_path: Path, out_dir: Path, what: str
+) -> dict[str, Any]:
+    """Calibrate, write the QDQ graph and, with ``max_accuracy_drop`` set, keep the most sensitive nodes FP32.
+
+    Shared by every target whose artifact is a Q/DQ ONNX graph (onnxruntime, tensorrt).
+    """
+    from t2tedge.calibration.onnx_qdq import calibrate
+
+    if inputs.calibration is None or len(inputs.calibration) == 0:
+        raise T2tedgeError(f"{what} needs calibration images")
+    with tempfile.TemporaryDirectory(prefix="t2tedge-qdq-") as tmp:
+        log(f"  {what}: calibrating on {len(inputs.calibration)} images ({settings.method})")
         calibrated = calibrate(inputs.onnx_path, inputs.calibration, settings, Path(tmp) / "calibrated")
         structure = calibrated.quantize(model_path)
-        facts: dict[str, Any] = {"providers": ["CPUExecutionProvider"], **calibrated.facts}
-        budget = config.get("max_accuracy_drop")
+        facts: dict[str, Any] = dict(calibrated.facts)
+        budget = inputs.config.get("max_accuracy_drop")
         if budget is not None:
             if inputs.validation_images is None or inputs.validation_labels is None:
                 raise T2tedgeError("accuracy-aware quantization (max_accuracy_drop) needs labelled validation images")

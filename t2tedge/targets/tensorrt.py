@@ -21,7 +21,6 @@ import shlex
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -218,29 +217,14 @@ def qdq_settings(config: dict[str, Any]) -> Any:
 
 def build_qdq(inputs: BuildInputs, model_path: Path, out_dir: Path) -> dict[str, Any]:
     """Calibrate and write the TensorRT Q/DQ graph; honours ``max_accuracy_drop`` with emulated accuracy."""
-    from t2tedge.calibration.onnx_qdq import calibrate, qdq_structure
+    from t2tedge.calibration.onnx_qdq import qdq_structure
+    from t2tedge.targets.onnxruntime import quantize_with_budget
 
-    if inputs.calibration is None or len(inputs.calibration) == 0:
-        raise T2tedgeError("tensorrt int8 needs calibration images")
-    settings = qdq_settings(inputs.config)
-    log(f"  tensorrt/int8: calibrating on {len(inputs.calibration)} images ({settings.method}, symmetric int8)")
-    with tempfile.TemporaryDirectory(prefix="t2tedge-trt-int8-") as tmp:
-        calibrated = calibrate(inputs.onnx_path, inputs.calibration, settings, Path(tmp) / "calibrated")
-        structure = calibrated.quantize(model_path)
-        facts: dict[str, Any] = {"format": "Q/DQ ONNX (TensorRT explicit quantization)", **calibrated.facts}
-        budget = inputs.config.get("max_accuracy_drop")
-        if budget is not None:
-            from t2tedge.targets.onnxruntime import AccuracyAwareSearch
-
-            if inputs.validation_images is None or inputs.validation_labels is None:
-                raise T2tedgeError("accuracy-aware quantization (max_accuracy_drop) needs labelled validation images")
-            search = AccuracyAwareSearch(calibrated, inputs, float(budget), Path(tmp) / "trials")
-            facts["accuracy_aware"] = search.run(model_path, out_dir)
-            structure = facts["accuracy_aware"].pop("structure")
-            facts["accuracy_aware"]["label"] = "emulated"  # judged on the onnxruntime stand-in
+    facts = quantize_with_budget(inputs, qdq_settings(inputs.config), model_path, out_dir, "tensorrt/int8 (symmetric)")
+    if "accuracy_aware" in facts:
+        facts["accuracy_aware"]["label"] = "emulated"  # judged on the onnxruntime stand-in
     sort_topologically(model_path)
-    structure.update(qdq_structure(model_path))
-    return {**facts, **structure}
+    return {"format": "Q/DQ ONNX (TensorRT explicit quantization)", **facts, **qdq_structure(model_path)}
 
 
 def sort_topologically(model_path: Path) -> None:
