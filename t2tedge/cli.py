@@ -19,7 +19,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-out = Console()
+# Results go to stdout; when it is a file or pipe, keep tables wide enough to read.
+out = Console(width=None if sys.stdout.isatty() else 160)
 
 
 @app.command()

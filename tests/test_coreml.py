@@ -22,7 +22,7 @@ from t2tedge.models.spec import Preprocess  # noqa: E402
 from t2tedge.pipeline.store import Artifact, ArtifactStore  # noqa: E402
 from t2tedge.pipeline.validate import run_validation  # noqa: E402
 from t2tedge.targets import BuildInputs, get_target  # noqa: E402
-from t2tedge.targets.coreml import EMULATION_FILE, PACKAGE, _fp32_scopes, _half_except  # noqa: E402
+from t2tedge.targets.coreml import EMULATION_FILE, PACKAGE, _float16_emulation, _fp32_scopes  # noqa: E402
 
 SIZE = 32
 PRE = Preprocess(input_size=SIZE, resize_size=SIZE, interpolation="bilinear")
@@ -133,7 +133,7 @@ def test_fp16_keeps_performer_math_fp32(build: Callable[..., Artifact], images, 
     reference = _torch_logits(models["t2t_vit_7"], held_out)
     with torch.no_grad():
         all_half = copy.deepcopy(models["t2t_vit_7"]).half()(torch.from_numpy(held_out).half())
-    assert not torch.isfinite(all_half).all()  # the overflow the fp32 scopes are there for
+    assert not torch.isfinite(all_half).all()  # overflow (and eps flushed to 0): what the fp32 scopes avoid
     logits = runner(held_out)
     assert runner.label == "emulated" and "float16" in runner.emulation
     assert _cosine(logits, reference).min() > 0.999
@@ -144,7 +144,7 @@ def test_fp32_scopes_keep_their_exact_tensors(models) -> None:
     # A round trip through float16 would turn the Performer's 1e-8 normalizer guard into 0.
     model = models["t2t_vit_7"]
     scopes = _fp32_scopes(model)
-    mixed = _half_except(copy.deepcopy(model), scopes)
+    mixed = _float16_emulation(copy.deepcopy(model), scopes)
     assert mixed.blocks[0].attn.qkv.weight.dtype == torch.float16
     for scope in scopes:
         original, kept = model.get_submodule(scope), mixed.get_submodule(scope)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
+import io
 import logging
 import platform
 from collections import Counter
@@ -42,8 +43,8 @@ CALIBRATION_BATCH = 32
 FP32_TAG = "t2tedge_fp32__"
 EMULATIONS = {
     "fp32": "torch fp32 (the model Core ML was converted from)",
-    "fp16": "torch float16 math on CPU, fp32 where the package keeps fp32 (Core ML kernels may round differently)",
-    "int8-weights": "torch dequantized int8 weights, float16 math on CPU, fp32 where the package keeps fp32",
+    "fp16": "torch float16 math on CPU (fp32 accumulation in convolutions), fp32 where the package keeps fp32",
+    "int8-weights": "torch dequantized int8 weights, float16 math on CPU as for fp16",
     "w8a8": "torch fake-quant (w8a8): the converted quantize/dequantize graph, fp32 between them",
 }
 
@@ -59,6 +60,13 @@ def _quiet_coremltools() -> Iterator[None]:
         yield
     finally:
         logger.setLevel(level)
+
+
+@contextlib.contextmanager
+def _no_progress_bars() -> Iterator[None]:
+    # coremltools draws a tqdm bar per pass pipeline on stderr; the build has its own progress output.
+    with contextlib.redirect_stderr(io.StringIO()):
+        yield
 
 
 def _coremltools() -> Any:
@@ -175,20 +183,22 @@ class CoreMLTarget:
             compute_precision = ct.transform.FP16ComputePrecision(op_selector=lambda op: FP32_TAG not in op.name)
         else:
             compute_precision = ct.precision.FLOAT16
-        mlmodel = ct.convert(
-            program,
-            inputs=[input_type],
-            outputs=[ct.TensorType(name=OUTPUT_NAME, dtype=np.float32)],
-            convert_to="mlprogram",
-            minimum_deployment_target=deployment,
-            compute_precision=compute_precision,
-        )
+        with _no_progress_bars():
+            mlmodel = ct.convert(
+                program,
+                inputs=[input_type],
+                outputs=[ct.TensorType(name=OUTPUT_NAME, dtype=np.float32)],
+                convert_to="mlprogram",
+                minimum_deployment_target=deployment,
+                compute_precision=compute_precision,
+            )
         if precision == "int8-weights":
             opt = ct.optimize.coreml
             op_config = opt.OpLinearQuantizerConfig(
                 mode="linear_symmetric", dtype="int8", granularity="per_channel", weight_threshold=WEIGHT_THRESHOLD
             )
-            mlmodel = opt.linear_quantize_weights(mlmodel, config=opt.OptimizationConfig(global_config=op_config))
+            with _no_progress_bars():
+                mlmodel = opt.linear_quantize_weights(mlmodel, config=opt.OptimizationConfig(global_config=op_config))
         histogram = _op_histogram(mlmodel._mil_program)
         quantized = {op: histogram[op] for op in QUANTIZED_OPS if op in histogram}
         if precision == "w8a8" and not (quantized.get("quantize") and quantized.get("dequantize")):
@@ -203,7 +213,7 @@ class CoreMLTarget:
             if precision == "int8-weights":
                 model = _dequantized_int8_weights(model)
                 facts["emulation_weight_check"] = _weight_check(mlmodel._mil_program, model)
-            emulation = _export_any_batch(_half_except(model, scopes), example.half())
+            emulation = _export_any_batch(_float16_emulation(model, scopes), example.half())
         torch.export.save(emulation, str(out_dir / EMULATION_FILE))
 
         return {
@@ -291,14 +301,21 @@ def _tag_fp32_ops(program: torch.export.ExportedProgram, scopes: list[str]) -> i
     return tagged
 
 
-def _half_except(model: nn.Module, scopes: list[str]) -> nn.Module:
-    """The model in float16, except the scopes' own math in fp32 (their child layers stay float16)."""
+def _float16_emulation(model: nn.Module, scopes: list[str]) -> nn.Module:
+    """The model in float16 math, except the scopes' own ops in fp32 (their child layers stay float16).
+
+    Convolutions compute in fp32 on their fp16 inputs and weights and round the result to fp16 (what an
+    fp16 kernel with fp32 accumulators gives): torch's CPU float16 convolution is a slow reference loop.
+    """
     own = {}
     for scope in scopes:
         module = model.get_submodule(scope)
         tensors = [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
         own[scope] = {name: tensor.detach().clone() for name, tensor in tensors}
     model.half()
+    for module in model.modules():
+        if isinstance(module, nn.modules.conv._ConvNd):
+            _cast_io(module.float(), inside=torch.float32, outside=torch.float16)  # weights stay fp16-rounded
     for scope in scopes:
         module = model.get_submodule(scope).float()
         with torch.no_grad():
