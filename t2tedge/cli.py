@@ -82,6 +82,7 @@ def train(
     lr: Annotated[float, typer.Option(help="peak AdamW learning rate")] = 1e-3,
     seed: int = 0,
     threads: Annotated[int | None, typer.Option(help="torch threads (default: all cores)")] = None,
+    augment: Annotated[bool, typer.Option(help="random shift + flip while training")] = True,
     checkpoint: Annotated[Path | None, typer.Option(help="start from this checkpoint (fine-tune)")] = None,
     output: Annotated[Path, typer.Option("--output", "-o", help="checkpoint path (a .json record goes beside)")] = (
         Path("runs/model.pt")
@@ -107,6 +108,7 @@ def train(
         lr=lr,
         seed=seed,
         threads=threads,
+        augment=augment,
     )
     record = run_training(spec, open_dataset(dataset), open_dataset(test_dataset), output, cfg, checkpoint)
     out.print(

@@ -39,6 +39,7 @@ class TrainConfig:
     label_smoothing: float = 0.1
     seed: int = 0
     threads: int | None = None
+    augment: bool = True
 
 
 class _Images(Dataset):
@@ -53,8 +54,13 @@ class _Images(Dataset):
         return self.transform(image), label
 
 
-def train_transform(pre: Preprocess) -> Any:
-    """Light augmentation that suits small images: shift by padding + crop, horizontal flip."""
+def train_transform(pre: Preprocess, augment: bool = True) -> Any:
+    """Light augmentation that suits small images (shift by padding + crop, horizontal flip), or none.
+
+    Short from-scratch schedules converge faster without it; longer ones generalise better with it.
+    """
+    if not augment:
+        return build_eval_transform(pre)
     return v2.Compose(
         [
             v2.Lambda(to_rgb),
@@ -110,7 +116,7 @@ def train(
         pre = replace(pre, resize_size=math.floor(pre.input_size / cfg.crop_pct))
 
     loader = DataLoader(
-        _Images(train_set, train_transform(pre)),
+        _Images(train_set, train_transform(pre, cfg.augment)),
         batch_size=cfg.batch_size,
         shuffle=True,
         drop_last=True,
