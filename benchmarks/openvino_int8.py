@@ -30,34 +30,13 @@ from t2tedge.data.datasets import open_dataset
 from t2tedge.evaluation.accuracy import agreement
 from t2tedge.evaluation.latency import summarize, time_interleaved
 from t2tedge.models import get_spec
+from t2tedge.models.conditioning import well_conditioned
 from t2tedge.pipeline.build import host_info
 from t2tedge.pipeline.export import export_onnx
 from t2tedge.pipeline.recipe import QuantizationConfig
 from t2tedge.pipeline.store import Artifact
 from t2tedge.targets import BuildInputs, get_target
 from t2tedge.targets.openvino import MODEL_XML, OpenVinoRunner, count_ops, quiet_nncf
-
-
-def well_conditioned(model: torch.nn.Module, images: np.ndarray) -> torch.nn.Module:
-    """Give a randomly initialised CNN trained-like activations, so output agreement means something.
-
-    Untouched, a random MobileNet shrinks its activations to ~1e-9 (int8 then outputs zeros); with
-    BatchNorm statistics re-estimated on real images it is chaotic instead. Damping the residual
-    branches (as zero-init-residual training starts out) gives a stable network. Latency is unaffected.
-    """
-    if not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()):
-        return model
-    for module in model.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.reset_running_stats()
-            module.momentum = None  # cumulative average
-    model.train()
-    with torch.no_grad():
-        model(torch.from_numpy(images))
-        for module in model.modules():
-            if getattr(module, "use_res_connect", False):  # torchvision InvertedResidual
-                module.conv[-1].weight.mul_(0.3)  # the branch's last BatchNorm
-    return model.eval()
 
 
 def build_variants(name: str, calibration: np.ndarray, threads: int, workdir: Path) -> dict[str, dict[str, Any]]:

@@ -10,11 +10,11 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from torchvision.models.mobilenetv2 import InvertedResidual
 
 from t2tedge.data.cache import preprocess
 from t2tedge.data.datasets import open_dataset
 from t2tedge.models import get_spec
+from t2tedge.models.conditioning import well_conditioned
 from t2tedge.models.spec import Preprocess
 from t2tedge.pipeline.export import export_onnx
 from t2tedge.pipeline.recipe import QuantizationConfig
@@ -38,26 +38,6 @@ def images() -> np.ndarray:
     return preprocess(dataset, np.arange(24), pre, "test images")
 
 
-def _well_conditioned(model: torch.nn.Module, images: np.ndarray) -> torch.nn.Module:
-    """Make a randomly initialised MobileNet behave like a trained one for a quantization test.
-
-    Untouched, its activations shrink to ~1e-9; with BatchNorm statistics re-estimated on real images
-    it is chaotic instead (any 1% perturbation, int8 or not, decorrelates the logits). Damping the
-    residual branches (as zero-init-residual training starts out) gives a stable, non-trivial network.
-    """
-    for module in model.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.reset_running_stats()
-            module.momentum = None  # cumulative average
-    model.train()
-    with torch.no_grad():
-        model(torch.from_numpy(images))
-        for module in model.modules():
-            if isinstance(module, InvertedResidual) and module.use_res_connect:
-                module.conv[-1].weight.mul_(0.3)  # the branch's last BatchNorm
-    return model.eval()
-
-
 @pytest.fixture(scope="module")
 def onnx_models(images: np.ndarray, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("onnx")
@@ -65,7 +45,7 @@ def onnx_models(images: np.ndarray, tmp_path_factory: pytest.TempPathFactory) ->
     for name in FAMILIES:
         torch.manual_seed(0)
         paths[name] = root / f"{name}.onnx"
-        model = _well_conditioned(get_spec(name).create(num_classes=10, image_size=SIZE), images[:16])
+        model = well_conditioned(get_spec(name).create(num_classes=10, image_size=SIZE), images[:16])
         export_onnx(model, SIZE, paths[name])
     return paths
 
