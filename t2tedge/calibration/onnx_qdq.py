@@ -437,6 +437,15 @@ def _quantize_with_ranges(
     onnx.save(model, str(model_out))
 
 
+def _float_source(name: str, producers: dict[str, onnx.NodeProto]) -> tuple[onnx.NodeProto | None, str | None]:
+    """For a tensor made by DequantizeLinear: that DQ node, and the float tensor in front of its Q (if any)."""
+    dq = producers.get(name)
+    if dq is None or dq.op_type != DQ_OP:
+        return None, None
+    q = producers.get(dq.input[0])
+    return dq, (q.input[0] if q is not None and q.op_type == Q_OP else None)
+
+
 def _float_inputs_for(model: onnx.ModelProto, op_types: set[str]) -> None:
     """Feed ops of ``op_types`` the float tensor in front of their Q -> DQ pair; drop pairs left unused."""
     if not op_types:
@@ -447,12 +456,9 @@ def _float_inputs_for(model: onnx.ModelProto, op_types: set[str]) -> None:
         if node.op_type not in op_types:
             continue
         for index, name in enumerate(node.input):
-            dq = producers.get(name)
-            if dq is None or dq.op_type != DQ_OP:
-                continue
-            q = producers.get(dq.input[0])
-            if q is not None and q.op_type == Q_OP:
-                node.input[index] = q.input[0]
+            _, source = _float_source(name, producers)
+            if source is not None:
+                node.input[index] = source
     _prune(model)
 
 
@@ -491,12 +497,11 @@ def with_fp32_nodes(
         if node.name not in wanted:
             continue
         for index, name in enumerate(node.input):
-            dq = producers.get(name)
-            if dq is None or dq.op_type != DQ_OP:
+            dq, source = _float_source(name, producers)
+            if dq is None:
                 continue
-            q = producers.get(dq.input[0])
-            if q is not None and q.op_type == Q_OP:
-                node.input[index] = q.input[0]
+            if source is not None:
+                node.input[index] = source
                 continue
             original = float_nodes[node.name].input[index]
             if original in float_inits:
