@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import gzip
-import hashlib
 import io
 import json
 import subprocess
@@ -23,6 +22,8 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
+
+from t2tedge.pipeline.store import sha256_file
 
 PACKAGE = "dataset-fashion-mnist"
 SOURCE_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -46,14 +47,6 @@ FILES = {
 MAX_NPZ_BYTES = 10 * 1024 * 1024
 # Any fixed date works; zip cannot store dates before 1980.
 ZIP_DATE = (1980, 1, 1, 0, 0, 0)
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_idx(path: Path, magic: int) -> np.ndarray:

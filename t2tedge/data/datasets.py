@@ -22,6 +22,7 @@ from PIL import Image
 
 from t2tedge.data.transforms import to_rgb
 from t2tedge.errors import DatasetError
+from t2tedge.pipeline.store import sha256_file
 
 BUNDLED_DIR = Path(__file__).parent / "bundled"
 IMAGE_EXTENSIONS = frozenset(
@@ -32,14 +33,6 @@ ACCEPTED_SOURCES = (
     "'fashion_mnist', 'fashion_mnist:train', 'fashion_mnist:test', "
     "an existing image folder, or a .csv file list (path,label rows)"
 )
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class ImageDataset(ABC):
@@ -118,7 +111,7 @@ class _FileDataset(ImageDataset):
         return digest.hexdigest()
 
     def sample_hash(self, index: int) -> str:
-        return _sha256_file(self.paths[index])
+        return sha256_file(self.paths[index])
 
 
 def _is_image(path: Path) -> bool:
