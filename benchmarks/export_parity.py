@@ -19,8 +19,8 @@ import torch
 from t2tedge.calibration import select_indices
 from t2tedge.data.cache import preprocess
 from t2tedge.data.datasets import open_dataset
+from t2tedge.evaluation.host import host_info
 from t2tedge.models import get_spec
-from t2tedge.pipeline.build import host_info
 from t2tedge.pipeline.export import export_onnx, parity, torch_logits
 from t2tedge.targets.onnxruntime import OnnxRuntimeRunner
 

@@ -36,9 +36,9 @@ from t2tedge.calibration.onnx_qdq import QdqSettings, calibrate
 from t2tedge.data.cache import preprocess
 from t2tedge.data.datasets import open_dataset
 from t2tedge.evaluation.accuracy import agreement
+from t2tedge.evaluation.host import host_info
 from t2tedge.evaluation.latency import summarize, time_interleaved
 from t2tedge.models import get_spec
-from t2tedge.pipeline.build import host_info
 from t2tedge.pipeline.export import export_onnx
 from t2tedge.pipeline.recipe import QuantizationConfig
 from t2tedge.targets import BuildInputs, get_target

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+import contextlib
+from collections.abc import Callable, Iterable, Iterator
 from typing import TypeVar
 
 from rich.console import Console
@@ -31,6 +32,15 @@ def track(items: Iterable[T], description: str, total: int | None = None) -> Ite
     )
     with Progress(*columns, console=console, transient=True, disable=not console.is_terminal) as progress:
         yield from progress.track(items, total=total, description=description)
+
+
+@contextlib.contextmanager
+def progress_task(description: str, total: float) -> Iterator[Callable[[float], None]]:
+    """A progress bar advanced by hand (e.g. by seconds spent): yields ``advance(amount)``."""
+    columns = (TextColumn("[progress.description]{task.description}"), BarColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True, disable=not console.is_terminal) as progress:
+        task = progress.add_task(description, total=total)
+        yield lambda amount: progress.advance(task, amount)
 
 
 def log(message: str) -> None:

@@ -193,7 +193,7 @@ def calibrate(model_in: Path, calibration: np.ndarray, settings: QdqSettings, wo
     starts = range(0, len(calibration) - batch + 1, chunk)
     if not starts:
         raise ValueError(f"calibration needs at least {batch} images (the model's batch size)")
-    with _quiet():
+    with quiet_ort():
         for start in track(starts, f"calibrating ({settings.method})", total=len(starts)):
             calibrator.collect_data(_Reader(calibrator, calibration[start : start + chunk], batch))
         if settings.method == "entropy":
@@ -259,7 +259,7 @@ def _preprocess(model_in: Path, model_out: Path) -> bool:
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     try:
-        with _quiet():
+        with quiet_ort():
             quant_pre_process(model_in, model_out)
     except Exception as exc:  # a failed optional step must not fail the build
         logging.getLogger(__name__).warning("quantization pre-processing skipped: %s", exc)
@@ -429,7 +429,7 @@ def _quantize_with_ranges(
         settings.quantizer_op_types,
         extra,
     )
-    with _quiet():
+    with quiet_ort():
         quantizer.quantize_model()
     model = quantizer.model.model
     _float_inputs_for(model, set(settings.fp32_op_types))
@@ -563,7 +563,7 @@ def _prune(model: onnx.ModelProto) -> None:
 
 
 @contextlib.contextmanager
-def _quiet() -> Iterator[None]:
+def quiet_ort() -> Iterator[None]:
     """ORT's quantization tools print progress on stdout and log warnings; keep the CLI's output ours."""
     log = logging.getLogger()
     level = log.level

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ from t2tedge.calibration import CalibrationSet, calibration_set, select_indices
 from t2tedge.data.cache import cached_preprocess
 from t2tedge.data.datasets import ImageDataset, open_dataset
 from t2tedge.errors import CheckpointError, T2tedgeError, TargetUnavailableError
+from t2tedge.evaluation.host import host_info
 from t2tedge.models import LoadedModel, demo_checkpoint, get_spec, load_model, pretrained_checkpoint
 from t2tedge.pipeline.export import ONNX_FILE, export_onnx, parity, torch_logits
 from t2tedge.pipeline.recipe import ModelEntry, Recipe
@@ -40,27 +40,6 @@ def resolve_weights(entry: ModelEntry) -> Path | None:
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     return path
-
-
-def host_info() -> dict[str, Any]:
-    """Where the numbers were taken."""
-    return {
-        "machine": platform.machine(),
-        "processor": _cpu_model(),
-        "cores": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "platform": platform.platform(terse=True),
-    }
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 @dataclass

@@ -104,6 +104,21 @@ class QuantizationConfig(_Strict):
         return {**shared, **(own.model_dump() if isinstance(own, BaseModel) else {})}
 
 
+class BenchmarkConfig(_Strict):
+    """Latency measurement after the build (like benchmark_app: a minimum count and a minimum time)."""
+
+    enabled: bool = True
+    warmup: int = Field(10, ge=0, description="untimed iterations per artifact first")
+    min_iters: int = Field(200, gt=0, description="at least this many timed iterations per artifact")
+    min_seconds: float = Field(10.0, ge=0, description="and at least this many seconds per artifact")
+    round_iters: int = Field(10, gt=0, description="iterations per artifact per interleaved round")
+    batch_sizes: list[int] = Field(default_factory=lambda: [1], min_length=1)
+    threads: list[int | None] = Field(
+        default_factory=lambda: [None], min_length=1, description="thread counts to sweep; null: all cores"
+    )
+    efficiency: bool = Field(True, description="measure the host's peak GEMM and report each artifact's share")
+
+
 class Recipe(_Strict):
     name: str = "build"
     output_dir: Path = Path("artifacts")
@@ -115,6 +130,7 @@ class Recipe(_Strict):
     calibration: CalibrationConfig = CalibrationConfig()
     quantization: QuantizationConfig = QuantizationConfig()
     threads: int | None = Field(None, gt=0, description="runtime threads for validation; default: all cores")
+    benchmark: BenchmarkConfig = BenchmarkConfig()
 
     @field_validator("models", mode="before")
     @classmethod

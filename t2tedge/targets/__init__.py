@@ -9,6 +9,16 @@ from t2tedge.targets.base import (
     check_precision,
     get_target,
     list_targets,
+    payload_bytes,
 )
 
-__all__ = ["Availability", "BuildInputs", "Runner", "Target", "check_precision", "get_target", "list_targets"]
+__all__ = [
+    "Availability",
+    "BuildInputs",
+    "Runner",
+    "Target",
+    "check_precision",
+    "get_target",
+    "list_targets",
+    "payload_bytes",
+]

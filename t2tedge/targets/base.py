@@ -56,6 +56,8 @@ class Target(Protocol):
 
     name: str
     precisions: tuple[str, ...]
+    # Glob patterns of the files a device needs (the deployable artifact, without build-side extras).
+    payload: tuple[str, ...]
 
     def availability(self) -> Availability: ...
 
@@ -89,6 +91,16 @@ def get_target(name: str) -> Target:
 
 def list_targets() -> list[Target]:
     return list(_TARGETS.values())
+
+
+def payload_bytes(target: Target, artifact: Artifact) -> int:
+    """Size on disk of what ships to the device (directories such as .mlpackage counted whole)."""
+    total = 0
+    for pattern in target.payload:
+        for path in artifact.path.glob(pattern):
+            files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+            total += sum(p.stat().st_size for p in files)
+    return total
 
 
 def check_precision(target: Target, precision: str) -> None:

@@ -132,6 +132,7 @@ class CoreMLTarget:
 
     name = "coreml"
     precisions = ("fp16", "fp32", "int8-weights", "w8a8")
+    payload = ("*.mlpackage",)
 
     def availability(self) -> Availability:
         try:

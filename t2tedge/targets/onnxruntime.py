@@ -58,6 +58,7 @@ class OnnxRuntimeTarget:
 
     name = "onnxruntime"
     precisions = ("fp32", "int8")
+    payload = ("model.onnx",)
 
     def availability(self) -> Availability:
         try:

@@ -97,11 +97,25 @@ class OpenVinoRunner:
         return np.concatenate([self._run(images[i : i + step]) for i in range(0, len(images), step)])
 
 
+def openvino_gemm_runners(fp32: Path, int8: Path, threads: int | None = None) -> dict[str, OpenVinoRunner]:
+    """Peak-GEMM runners: the FP32 graph at each float precision the CPU plugin offers, the QDQ graph as INT8."""
+    import openvino as ov
+
+    capabilities = set(ov.Core().get_property(DEVICE, "OPTIMIZATION_CAPABILITIES"))
+    runners = {"openvino/f32": OpenVinoRunner(fp32, "f32", threads)}
+    for capability, hint in (("BF16", "bf16"), ("FP16", "f16")):
+        if capability in capabilities:
+            runners[f"openvino/{hint}"] = OpenVinoRunner(fp32, hint, threads)
+    runners["openvino/int8"] = OpenVinoRunner(int8, None, threads)
+    return runners
+
+
 class OpenVinoTarget:
     """OpenVINO IR for the CPU plugin: fp32, fp16 (compressed weights) and int8 (NNCF)."""
 
     name = "openvino"
     precisions = ("fp32", "fp16", "int8")
+    payload = ("model.xml", "model.bin")
 
     def availability(self) -> Availability:
         try:

@@ -137,6 +137,7 @@ class TensorRTTarget:
 
     name = "tensorrt"
     precisions = ("fp16", "int8")
+    payload = ("model.onnx",)
 
     def availability(self) -> Availability:
         ok, reason = tensorrt_status()

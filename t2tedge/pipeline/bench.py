@@ -1,0 +1,197 @@
+"""The latency stage: time built artifacts on this host (interleaved), relate them to the host's peak.
+
+Results land in each artifact's manifest under ``latency`` keyed by ``<host>/b<batch>-t<threads>``, so a
+rerun with the same settings on the same host reuses them, and numbers from other hosts (remote
+devices) sit beside local ones. A number is ``measured`` only when the target's real runtime ran it:
+an emulated stand-in (TensorRT's Q/DQ graph on onnxruntime, Core ML's torch emulation) is never timed,
+its latency is ``unavailable`` with the reason.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from t2tedge.evaluation.accuracy import MEASURED, UNAVAILABLE
+from t2tedge.evaluation.host import host_info
+from t2tedge.evaluation.latency import summarize, time_interleaved
+from t2tedge.pipeline.recipe import BenchmarkConfig
+from t2tedge.pipeline.store import Artifact, read_manifest
+from t2tedge.progress import log, progress_task
+from t2tedge.targets import get_target
+
+LOCAL = "local"
+
+
+@dataclass
+class BenchPoint:
+    """One artifact at one batch size and thread count."""
+
+    artifact: Artifact
+    batch: int
+    threads: int | None
+
+    @property
+    def key(self) -> str:
+        return f"b{self.batch}-t{self.threads or 'all'}"
+
+
+def latency_key(host: str, batch: int, threads: int | None) -> str:
+    return f"{host}/b{batch}-t{threads or 'all'}"
+
+
+def _settings(cfg: BenchmarkConfig) -> dict[str, Any]:
+    return {k: getattr(cfg, k) for k in ("warmup", "min_iters", "min_seconds", "round_iters")}
+
+
+@functools.cache
+def model_macs(model: str, image_size: int, num_classes: int) -> int:
+    """Counted MACs of one forward pass at batch 1 (random init: MACs do not depend on weights)."""
+    from t2tedge.models import get_spec
+    from t2tedge.models.counting import count_macs
+
+    return count_macs(get_spec(model).create(num_classes=num_classes, image_size=image_size), image_size)
+
+
+def peak_key(target: str, precision: str, runtime: dict[str, Any]) -> str | None:
+    """Which of the host's peak GEMM rates an artifact is measured against."""
+    if target == "onnxruntime":
+        return f"onnxruntime/{'int8' if precision == 'int8' else 'fp32'}"
+    if target == "openvino":
+        return f"openvino/{'int8' if precision == 'int8' else runtime.get('inference_precision', 'f32')}"
+    return None
+
+
+def _runtime_facts(runner: Any, precision: str) -> dict[str, Any]:
+    facts: dict[str, Any] = {}
+    if hasattr(runner, "inference_precision"):  # OpenVINO: what the plugin actually ran in
+        facts["precision_hint_requested"] = runner.precision_hint_requested or "plugin default"
+        facts["inference_precision"] = runner.inference_precision
+    return facts
+
+
+def bench_artifacts(
+    paths: list[Path],
+    cfg: BenchmarkConfig,
+    force: bool = False,
+) -> list[dict[str, Any]]:
+    """Latency of each artifact at each batch size x thread count of ``cfg``, measured or reused.
+
+    Artifacts measured at the same (batch, threads) are timed together in interleaved rounds.
+    Returns one record per artifact and point; each is also written into the artifact's manifest.
+    """
+    artifacts = [Artifact(Path(p)) for p in paths]
+    for artifact in artifacts:
+        read_manifest(artifact.path)  # a clear error for a directory that is not an artifact
+    settings = _settings(cfg)
+    records: list[dict[str, Any]] = []
+    peaks: dict[int | None, dict[str, Any]] = {}
+    for threads in cfg.threads:
+        for batch in cfg.batch_sizes:
+            runners: dict[str, Any] = {}
+            inputs: dict[str, np.ndarray] = {}
+            pending: dict[str, tuple[Artifact, dict[str, Any]]] = {}
+            for artifact in artifacts:
+                manifest = artifact.manifest
+                key = latency_key(LOCAL, batch, threads)
+                old = manifest.get("latency", {}).get(key)
+                if old and not force and old.get("settings") == settings and old.get("label") == MEASURED:
+                    records.append(_record(manifest, artifact, old, reused=True))
+                    continue
+                record, runner = _prepare(artifact, manifest, batch, threads)
+                if runner is None:
+                    artifact.update_manifest(latency={key: record})
+                    records.append(_record(manifest, artifact, record, reused=False))
+                    continue
+                name = str(artifact.path)
+                runners[name] = runner
+                size = manifest["model_io"]["image_size"]
+                inputs[name] = np.random.default_rng(0).standard_normal((batch, 3, size, size)).astype(np.float32)
+                pending[name] = (artifact, record)
+            if not runners:
+                continue
+            if cfg.efficiency and threads not in peaks:
+                from t2tedge.evaluation.peak import peak_gmacs
+
+                log(f"  measuring this host's peak GEMM rate ({threads or 'all'} threads)")
+                peaks[threads] = peak_gmacs(threads)
+            times = _time(runners, inputs, cfg, batch, threads)
+            for name, (artifact, record) in pending.items():
+                manifest = artifact.manifest
+                record.update(summarize(times[name], batch))
+                _efficiency(record, manifest, peaks.get(threads))
+                artifact.update_manifest(latency={latency_key(LOCAL, batch, threads): record})
+                records.append(_record(manifest, artifact, record, reused=False))
+    return records
+
+
+def _time(
+    runners: dict[str, Any], inputs: dict[str, np.ndarray], cfg: BenchmarkConfig, batch: int, threads: int | None
+) -> dict[str, list[float]]:
+    estimate = max(cfg.min_seconds, 0.0) * len(runners)
+    log(
+        f"  timing {len(runners)} artifacts at batch {batch}, {threads or 'all'} threads "
+        f"(interleaved; ≥{cfg.min_iters} iterations and ≥{cfg.min_seconds:g} s each, ~{estimate:.0f} s)"
+    )
+    with progress_task("benchmarking", total=max(estimate, 1.0)) as advance:
+        clock = [time.perf_counter()]
+
+        def on_round() -> None:
+            now = time.perf_counter()
+            advance(now - clock[0])
+            clock[0] = now
+
+        return time_interleaved(runners, inputs, cfg.warmup, cfg.min_iters, cfg.min_seconds, cfg.round_iters, on_round)
+
+
+def _prepare(artifact: Artifact, manifest: dict[str, Any], batch: int, threads: int | None) -> tuple[dict, Any]:
+    """The start of a latency record and a runner, or an `unavailable` record and no runner."""
+    target = get_target(manifest["target"])
+    base: dict[str, Any] = {
+        "host": LOCAL,
+        "host_info": host_info(),
+        "batch": batch,
+        "threads_requested": threads or "all",
+        "measured_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    availability = target.availability()
+    if not availability.can_run:
+        why = availability.reason or "its runtime cannot run on this host"
+        return {**base, "label": UNAVAILABLE, "reason": f"not measurable here: {why}"}, None
+    runner = target.load(artifact, threads=threads)
+    if getattr(runner, "label", MEASURED) != MEASURED:
+        return {**base, "label": UNAVAILABLE, "reason": "only an emulation runs here; emulations are not timed"}, None
+    fixed = getattr(runner, "fixed_batch", None)
+    if fixed is not None and fixed != batch:
+        reason = f"the artifact has a fixed batch of {fixed} (export with dynamic_batch: true to sweep batch sizes)"
+        return {**base, "label": UNAVAILABLE, "reason": reason}, None
+    return {**base, "label": MEASURED, "runtime": _runtime_facts(runner, manifest["precision"])}, runner
+
+
+def _efficiency(record: dict[str, Any], manifest: dict[str, Any], peaks: dict[str, Any] | None) -> None:
+    io = manifest["model_io"]
+    macs = model_macs(manifest["model"], io["image_size"], io["num_classes"])
+    achieved = macs * record["batch"] / (record["latency_ms_p50"] / 1000.0) / 1e9
+    record["gmacs_per_image"] = round(macs / 1e9, 4)
+    record["achieved_gmacs_per_s"] = round(achieved, 2)
+    key = peak_key(manifest["target"], manifest["precision"], record.get("runtime", {}))
+    if peaks and key in peaks["gmacs"]:
+        record["peak"] = {"key": key, "gmacs_per_s": peaks["gmacs"][key], "gemm": peaks["gemm"]}
+        record["efficiency_pct"] = round(100.0 * achieved / peaks["gmacs"][key], 2)
+
+
+def _record(manifest: dict[str, Any], artifact: Artifact, latency: dict[str, Any], reused: bool) -> dict[str, Any]:
+    return {
+        "model": manifest["model"],
+        "target": manifest["target"],
+        "precision": manifest["precision"],
+        "artifact": str(artifact.path),
+        "reused": reused,
+        **latency,
+    }
