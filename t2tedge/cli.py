@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from t2tedge.devices.cli import device_app
 from t2tedge.errors import T2tedgeError
 
 app = typer.Typer(
@@ -21,6 +22,7 @@ app = typer.Typer(
 )
 # Results go to stdout; when it is a file or pipe, keep tables wide enough to read.
 out = Console(width=None if sys.stdout.isatty() else 160)
+app.add_typer(device_app, name="device")
 
 
 @app.command()
@@ -209,14 +211,22 @@ def validate(
     ],
     limit: Annotated[int | None, typer.Option(help="validate on N images only (class-balanced)")] = None,
     threads: Annotated[int | None, typer.Option(help="runtime threads")] = None,
+    device: Annotated[
+        str | None, typer.Option(help="run it on this registered SSH device (t2tedge device add)")
+    ] = None,
 ) -> None:
     """Re-validate an existing artifact on another dataset; the result lands in its manifest."""
     from t2tedge.pipeline.validate import validate_artifact
 
-    result = validate_artifact(artifact, data, limit, threads)
+    if device:
+        from t2tedge.devices.remote import validate_artifact_remote
+
+        result = validate_artifact_remote(artifact, data, device, limit, threads)
+    else:
+        result = validate_artifact(artifact, data, limit, threads)
     if "top1" in result:
         out.print(f"{artifact}: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  on {result['images']} images "
-                  f"({result['label']})")  # fmt: skip
+                  f"({result['label']}{' on ' + device if device else ''})")  # fmt: skip
     else:
         out.print(f"{artifact}: accuracy {result['label']}: {result['reason']}")
 

@@ -1,0 +1,1 @@
+"""Remote devices reached over SSH: a registry, the ssh client wrapper, and the runner sent to the device."""

@@ -1,0 +1,276 @@
+"""Run artifacts on a registered device: copy what is missing (hash-checked), run, bring the numbers back.
+
+On the device everything lives under its work directory::
+
+    artifacts/<hash16>/...    the files an artifact's target needs (hash16: of their names and sha256s)
+    data/<sha16>/images.npy   preprocessed validation tensors
+    engines/                  TensorRT engines built there, keyed by ONNX sha256, TensorRT version and GPU
+    incoming/<id>/            uploads in flight; a file moves into place only after its sha256 matched
+    run/<id>.pid              the pid of a running command, so a timed-out one can be killed
+
+Before each run the device re-hashes the files it holds, so an interrupted or corrupted copy is sent again.
+:mod:`t2tedge.devices.remote_runner` is the script that runs there.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import io
+import json
+import tarfile
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from t2tedge.devices.config import Device, get_device
+from t2tedge.devices.ssh import DeviceDiskFullError, DeviceError, Ssh, quote_path
+from t2tedge.errors import ArtifactError, DatasetError
+from t2tedge.evaluation.accuracy import MEASURED, UNAVAILABLE, accuracy_report
+from t2tedge.pipeline.store import Artifact, read_manifest, sha256_file
+
+RUNNER_SOURCE = Path(__file__).with_name("remote_runner.py").read_bytes()
+# What each target's runner reads from the artifact directory (a directory is sent with all its files).
+TARGET_FILES = {
+    "onnxruntime": ("model.onnx",),
+    "openvino": ("model.xml", "model.bin", "compile.json"),
+    "tensorrt": ("model.onnx", "build_engine.py"),
+    "coreml": ("model.mlpackage",),
+}
+INFO_TIMEOUT_S = 60.0
+CHECK_TIMEOUT_S = 120.0
+# Headroom kept free on the device beyond the bytes being uploaded.
+DISK_MARGIN_BYTES = 16 << 20
+
+
+def artifact_files(path: Path, target: str) -> dict[str, Path]:
+    """The files of an artifact its target needs on the device, by path relative to the artifact."""
+    if target not in TARGET_FILES:
+        raise ArtifactError(f"{path}: target {target!r} cannot run on a remote device")
+    files: dict[str, Path] = {}
+    for name in TARGET_FILES[target]:
+        entry = path / name
+        if entry.is_dir():
+            files.update({p.relative_to(path).as_posix(): p for p in sorted(entry.rglob("*")) if p.is_file()})
+        elif entry.is_file():
+            files[name] = entry
+        else:
+            raise ArtifactError(f"{path} has no {name}; rebuild the artifact")
+    # ONNX external data (large models) travels with the graph.
+    files.update({p.name: p for p in sorted(path.glob("model.onnx.*")) if p.is_file() and "model.onnx" in files})
+    return files
+
+
+class RemoteDevice:
+    """One registered device: its facts, its hash-checked file cache, and runs of the remote runner."""
+
+    def __init__(self, device: Device) -> None:
+        self.device = device
+        self.ssh = Ssh(device)
+
+    def _python(self, command: str, request: dict[str, Any], timeout_s: float) -> dict:
+        """Pipe the runner into the device's python, run ``command``, return its JSON answer."""
+        encoded = base64.b64encode(json.dumps(request).encode()).decode()
+        line = f"{quote_path(self.device.python)} - {command} {encoded}"
+        pid_dir = f"{self.device.workdir}/run"
+        result = self.ssh.run_tracked(line, timeout_s, RUNNER_SOURCE, pid_dir, f"the remote runner ({command})")
+        stdout = result.stdout.decode(errors="replace").strip().splitlines()
+        stderr = [s for s in result.stderr.decode(errors="replace").strip().splitlines() if s.strip()]
+        try:
+            answer = json.loads(stdout[-1])
+        except (IndexError, json.JSONDecodeError):
+            name = self.device.name
+            if result.returncode == 125:
+                raise DeviceError(f"device {name}: cannot write to its work directory {self.device.workdir}") from None
+            if result.returncode == 127:
+                raise DeviceError(
+                    f"device {name}: python {self.device.python!r} not found there "
+                    f"(t2tedge device add {name} URL --python PATH --replace)"
+                ) from None
+            detail = stderr[-1] if stderr else f"exit status {result.returncode}"
+            raise DeviceError(f"device {name}: the remote runner failed: {detail}") from None
+        if not answer.get("ok"):
+            message = f"device {self.device.name}: {answer.get('message', 'unknown error')}"
+            if answer.get("kind") == "disk_full":
+                raise DeviceDiskFullError(f"{message} (work directory {self.device.workdir})")
+            raise DeviceError(message)
+        return answer
+
+    def info(self, targets: list[str] | None = None, timeout_s: float = INFO_TIMEOUT_S) -> dict[str, Any]:
+        """Host facts and which target runtimes import there, with versions."""
+        return self._python("info", {"targets": targets or list(TARGET_FILES)}, timeout_s)["host"]
+
+    def sync(self, files: dict[str, Path], timeout_s: float) -> tuple[dict[str, str], str | None, dict[str, int]]:
+        """Make ``files`` (remote path relative to the work directory -> local file) present on the device.
+
+        Returns their sha256s, the id of the upload still to be moved into place by the next run (None when
+        everything was there already) and transfer counts.
+        """
+        shas = {relative: sha256_file(local) for relative, local in files.items()}
+        answer = self._python("check", {"workdir": self.device.workdir, "files": shas}, min(timeout_s, CHECK_TIMEOUT_S))
+        missing = answer["missing"]
+        size = sum(files[relative].stat().st_size for relative in missing)
+        stats = {"uploaded_files": len(missing), "uploaded_bytes": size, "reused_files": len(files) - len(missing)}
+        if not missing:
+            return shas, None, stats
+        if size + DISK_MARGIN_BYTES > answer["free_bytes"]:
+            raise DeviceDiskFullError(
+                f"device {self.device.name}: no space left for {size / 2**20:.1f} MiB in {self.device.workdir} "
+                f"({answer['free_bytes'] / 2**20:.1f} MiB free); free space there or choose another --workdir"
+            )
+        upload = uuid.uuid4().hex
+        incoming = f"{self.device.workdir}/incoming/{upload}"
+        with tempfile.TemporaryFile() as fh:
+            with tarfile.open(fileobj=fh, mode="w") as tar:
+                for relative in missing:
+                    tar.add(files[relative], arcname=relative, recursive=False)
+            fh.seek(0)
+            command = f"mkdir -p {quote_path(incoming)} && tar -xf - -C {quote_path(incoming)}"
+            result = self.ssh.run(command, timeout_s, fh, what=f"copying {size / 2**20:.1f} MiB")
+        if result.returncode != 0:
+            detail = result.stderr.decode(errors="replace").strip()
+            with contextlib.suppress(DeviceError):
+                self.ssh.run(f"rm -rf {quote_path(incoming)}", CHECK_TIMEOUT_S)
+            if "No space left" in detail or "Disk quota" in detail:
+                raise DeviceDiskFullError(
+                    f"device {self.device.name}: no space left in {self.device.workdir} while copying "
+                    f"{size / 2**20:.1f} MiB; free space there or choose another --workdir"
+                )
+            last = detail.splitlines()[-1] if detail else f"exit status {result.returncode}"
+            raise DeviceError(f"device {self.device.name}: copying files failed: {last}")
+        return shas, upload, stats
+
+    def execute(
+        self, artifact_dir: Path, mode: str, timeout_s: float, images: np.ndarray | None = None, **settings: Any
+    ) -> dict[str, Any]:
+        """Copy the artifact (and images) over, run ``mode`` (latency / logits) there, return the answer."""
+        manifest = read_manifest(artifact_dir)
+        target = manifest.get("target", "")
+        local = artifact_files(Path(artifact_dir), target)
+        listing = json.dumps(sorted((name, sha256_file(p)) for name, p in local.items()))
+        remote_dir = f"artifacts/{hashlib.sha256(listing.encode()).hexdigest()[:16]}"
+        files = {f"{remote_dir}/{name}": p for name, p in local.items()}
+        with tempfile.TemporaryDirectory(prefix="t2tedge-remote-") as tmp:
+            request: dict[str, Any] = {}
+            if images is not None:
+                tensor = Path(tmp) / "images.npy"
+                np.save(tensor, np.ascontiguousarray(images, dtype=np.float32))
+                request["images"] = f"data/{sha256_file(tensor)[:16]}/images.npy"
+                files[request["images"]] = tensor
+            shas, upload, transfer = self.sync(files, timeout_s)
+        onnx = f"{remote_dir}/model.onnx"
+        request.update(
+            {
+                "workdir": self.device.workdir,
+                "files": shas,
+                "upload": upload,
+                "target": target,
+                "artifact": remote_dir,
+                "mode": mode,
+                "build": manifest.get("build", {}),
+                "image_size": manifest.get("model_io", {}).get("image_size"),
+                "model_sha256": shas.get(onnx),
+                # The device ends the runner itself a little after the local side gave up on it.
+                "deadline_s": int(timeout_s) + 30,
+                **settings,
+            }
+        )
+        answer = self._python("run", request, timeout_s)
+        answer["transfer"] = transfer
+        answer["host"] = {"device": self.device.name, **answer["host"]}
+        if "unavailable" in answer:
+            answer["unavailable"] = answer["unavailable"].replace("{device}", self.device.name)
+        return answer
+
+
+def check_device(name: str, timeout_s: float = INFO_TIMEOUT_S) -> dict[str, Any]:
+    """Connect to a registered device and report its OS, CPU/GPU, python and target runtimes."""
+    return RemoteDevice(get_device(name)).info(timeout_s=timeout_s)
+
+
+def remote_latency(
+    device_name: str,
+    artifact_dir: Path,
+    batch: int,
+    threads: int | None,
+    warmup: int,
+    min_iters: int,
+    min_seconds: float,
+    timeout_s: float,
+) -> dict[str, Any]:
+    """Per-iteration latencies (s) of an artifact timed on a device, with the device's facts.
+
+    Returns ``seconds``, ``host``, ``label`` (measured / unavailable), ``reason`` when unavailable, and
+    ``runtime`` (what the runtime actually used: precision, threads, engine). Unreachable devices,
+    timeouts and full disks raise one-line :class:`~t2tedge.devices.ssh.DeviceError` s.
+    """
+    settings = {"batch": batch, "threads": threads, "warmup": warmup, "min_iters": min_iters}
+    answer = RemoteDevice(get_device(device_name)).execute(
+        Path(artifact_dir), "latency", timeout_s, min_seconds=min_seconds, **settings
+    )
+    result = {"host": answer["host"], "transfer": answer["transfer"], "batch": batch}
+    if "unavailable" in answer:
+        return {**result, "seconds": [], "label": UNAVAILABLE, "reason": answer["unavailable"], "runtime": {}}
+    return {**result, "seconds": answer["seconds"], "label": MEASURED, "runtime": answer["runtime"]}
+
+
+def remote_logits(
+    device_name: str, artifact_dir: Path, images: np.ndarray, threads: int | None, timeout_s: float
+) -> tuple[np.ndarray | None, dict[str, Any]]:
+    """Logits of ``images`` computed on a device, and a record of how (label, host, runtime, transfer)."""
+    answer = RemoteDevice(get_device(device_name)).execute(
+        Path(artifact_dir), "logits", timeout_s, images=images, threads=threads
+    )
+    info = {"host": answer["host"], "transfer": answer["transfer"]}
+    if "unavailable" in answer:
+        return None, {**info, "label": UNAVAILABLE, "reason": answer["unavailable"], "runtime": {}}
+    logits = np.load(io.BytesIO(base64.b64decode(answer["logits_npy_b64"])))
+    return logits, {**info, "label": MEASURED, "runtime": answer["runtime"]}
+
+
+def validate_artifact_remote(
+    path: str | Path,
+    data: str,
+    device_name: str,
+    limit: int | None = None,
+    threads: int | None = None,
+    timeout_s: float = 3600.0,
+) -> dict[str, Any]:
+    """Like :func:`t2tedge.pipeline.validate.validate_artifact`, with the artifact run on a device.
+
+    The images are preprocessed here (the model's own transform, the same tensor cache), copied to the
+    device as one tensor file, and the logits come back; the result is stored in the manifest under
+    ``<tensor key>@<device>`` beside the local validations.
+    """
+    from t2tedge.calibration import select_indices
+    from t2tedge.data.cache import cached_preprocess
+    from t2tedge.data.datasets import open_dataset
+    from t2tedge.models.spec import Preprocess
+
+    manifest = read_manifest(path)
+    io_facts = manifest.get("model_io")
+    if io_facts is None:
+        raise ArtifactError(f"{path} is not a compiled artifact (an export? validate the target artifacts)")
+    get_device(device_name)  # an unknown device fails before any image is read
+    dataset = open_dataset(data)
+    if (dataset.labels < 0).all():
+        raise DatasetError(f"{data} has no labels; validation needs class subfolders or a labelled CSV")
+    if len(dataset.classes) > io_facts["num_classes"]:
+        classes = io_facts["num_classes"]
+        raise DatasetError(f"{data} has {len(dataset.classes)} classes but the model predicts {classes}")
+    indices = select_indices(dataset.labels, limit, seed=0) if limit else np.arange(len(dataset), dtype=np.int64)
+    cache = Path(path).parent.parent.parent / ".cache" / "tensors"
+    pre = Preprocess.from_dict(io_facts["preprocess"])
+    images, key, _ = cached_preprocess(dataset, indices, pre, cache, "validation images")
+    logits, info = remote_logits(device_name, Path(path), images, threads, timeout_s)
+    if logits is None:
+        result: dict[str, Any] = {"label": UNAVAILABLE, "reason": info["reason"]}
+    else:
+        result = accuracy_report(logits, dataset.labels[indices], MEASURED)
+    result.update({"dataset": data, "device": device_name, "host": info["host"], "runtime": info["runtime"]})
+    Artifact(Path(path)).update_manifest(validation={f"{key[:16]}@{device_name}": result})
+    return result

@@ -1,0 +1,514 @@
+"""Runs a t2tedge artifact on a remote device. Self-contained: needs numpy and the target's runtime only.
+
+t2tedge pipes this file over ssh into the device's python (``python - COMMAND REQUEST``), so nothing is
+installed there; it imports nothing from t2tedge and keeps to Python 3.8 (JetPack 5). Commands:
+
+- ``info REQUEST``: host facts and which runtimes import (with versions).
+- ``check REQUEST``: sha256 of the cached files under the work directory; a file whose hash differs (an
+  interrupted or corrupted copy) is deleted and reported missing, with the free space there.
+- ``run REQUEST``: move freshly uploaded files from ``incoming/<id>/`` into place (each checked by hash),
+  then time the artifact (``latency``) or compute logits for a tensor file (``logits``).
+
+REQUEST is base64 JSON. The answer is one JSON line on stdout; whatever the runtimes print goes to stderr.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import ctypes
+import ctypes.util
+import errno
+import hashlib
+import io
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+RUNTIMES = {"onnxruntime": "onnxruntime", "openvino": "openvino", "tensorrt": "tensorrt", "coreml": "coremltools"}
+STALE_INCOMING_S = 24 * 3600
+
+
+class Unavailable(Exception):
+    """The artifact cannot run on this device (a runtime missing, the wrong OS); t2tedge fills in {device}."""
+
+
+class Failure(Exception):
+    """A problem the user can fix; ``kind`` tells t2tedge which."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+# ---- host facts ----------------------------------------------------------------------------------------
+
+
+def _command_output(argv: list, timeout: float = 5.0) -> str:
+    try:
+        result = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, timeout=timeout)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return result.stdout.decode(errors="replace").strip() if result.returncode == 0 else ""
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path, "rb") as fh:
+            return fh.read().decode(errors="replace").strip("\x00 \n")
+    except OSError:
+        return ""
+
+
+def _cpu() -> str:
+    if platform.system() == "Darwin":
+        return _command_output(["sysctl", "-n", "machdep.cpu.brand_string"]) or platform.machine()
+    for line in _read("/proc/cpuinfo").splitlines():
+        if line.lower().startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return _read("/proc/device-tree/model") or platform.processor() or platform.machine()
+
+
+def _gpu() -> str | None:
+    names = _command_output(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"])
+    if names:
+        return "; ".join(n.strip() for n in names.splitlines())
+    board = _read("/proc/device-tree/model")
+    if "jetson" in board.lower() or "nvidia" in board.lower():
+        return board + " (integrated GPU)"
+    if platform.system() == "Darwin" and platform.machine() == "arm64":
+        return _cpu() + " (integrated GPU, Neural Engine)"
+    return None
+
+
+def runtime_version(target: str) -> str:
+    """The version of a target's runtime; raises ImportError (or whatever the import raises) if it has none."""
+    module = __import__(RUNTIMES[target])
+    if target == "openvino":
+        return module.get_version()
+    return getattr(module, "__version__", "unknown")
+
+
+def runtimes(targets: list) -> dict:
+    found = {}
+    for target in targets:
+        if target == "coreml" and platform.system() != "Darwin":
+            # Core ML cannot predict here whatever is installed; importing coremltools (and torch) takes ~10 s.
+            found[target] = {"module": RUNTIMES[target], "error": "Core ML predicts only on macOS"}
+            with contextlib.suppress(Exception):
+                from importlib.metadata import version
+
+                found[target]["installed"] = version("coremltools")
+            continue
+        try:
+            found[target] = {"module": RUNTIMES[target], "version": runtime_version(target)}
+        except Exception as exc:  # ImportError, or a broken install raising anything else
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            found[target] = {"module": RUNTIMES[target], "error": reason[:200]}
+    return found
+
+
+def host_facts(targets: list) -> dict:
+    try:
+        import numpy
+
+        numpy_version = numpy.__version__
+    except ImportError:
+        numpy_version = None
+    return {
+        "hostname": socket.gethostname(),
+        "os": platform.platform(),
+        "system": platform.system(),
+        "machine": platform.machine(),
+        "cpu": _cpu(),
+        "cpu_count": os.cpu_count(),
+        "gpu": _gpu(),
+        "python": platform.python_version(),
+        "python_executable": sys.executable,
+        "numpy": numpy_version,
+        "runtimes": runtimes(targets),
+    }
+
+
+# ---- hash-checked file cache ------------------------------------------------------------------------------
+
+
+def sha256_file(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _safe(workdir: str, relative: str) -> str:
+    path = os.path.normpath(os.path.join(workdir, relative))
+    if os.path.isabs(relative) or relative.split("/")[0] == ".." or not path.startswith(os.path.normpath(workdir)):
+        raise Failure("error", "refusing a path outside the work directory: " + relative)
+    return path
+
+
+def check(request: dict) -> dict:
+    """Which of the expected files are missing or differ (those are deleted), and the free space."""
+    workdir = os.path.expanduser(request["workdir"])
+    os.makedirs(workdir, exist_ok=True)
+    missing = []
+    for relative, expected in sorted(request["files"].items()):
+        path = _safe(workdir, relative)
+        if os.path.isfile(path) and sha256_file(path) == expected:
+            continue
+        if os.path.isfile(path):
+            os.unlink(path)  # a truncated or corrupted copy is never reused
+        missing.append(relative)
+    incoming = os.path.join(workdir, "incoming")
+    if os.path.isdir(incoming):  # uploads that died long ago
+        for name in os.listdir(incoming):
+            path = os.path.join(incoming, name)
+            with contextlib.suppress(OSError):
+                if time.time() - os.stat(path).st_mtime > STALE_INCOMING_S:
+                    shutil.rmtree(path, ignore_errors=True)
+    return {"missing": missing, "free_bytes": shutil.disk_usage(workdir).free}
+
+
+def commit(workdir: str, upload: str, files: dict) -> None:
+    """Move uploaded files into place, each only after its sha256 matches."""
+    staging = _safe(workdir, "incoming/" + upload)
+    try:
+        for relative, expected in sorted(files.items()):
+            source = os.path.join(staging, relative)
+            if not os.path.isfile(source):
+                continue
+            got = sha256_file(source)
+            if got != expected:
+                raise Failure("corrupt", f"uploaded {relative} arrived with sha256 {got}, expected {expected}")
+            target = _safe(workdir, relative)
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            os.replace(source, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    for relative in files:
+        path = _safe(workdir, relative)
+        if not os.path.isfile(path):
+            raise Failure("corrupt", f"{relative} is missing on the device after the upload")
+
+
+# ---- runners: images in (NCHW float32), logits out ----------------------------------------------------------
+
+
+class Model:
+    """A loaded artifact: ``run(batch)`` -> logits, a fixed batch (or None), the input shape, runtime facts."""
+
+    def __init__(self, run, fixed_batch, input_shape, facts: dict) -> None:
+        self.run = run
+        self.fixed_batch = fixed_batch
+        self.input_shape = input_shape  # (C, H, W)
+        self.facts = facts
+
+    def __call__(self, images):
+        import numpy as np
+
+        images = np.ascontiguousarray(images, dtype=np.float32)
+        step = self.fixed_batch
+        if step is None or len(images) == step:
+            return self.run(images)
+        return np.concatenate([self.run(images[i : i + step]) for i in range(0, len(images), step)])
+
+
+def _import(target: str):
+    try:
+        return __import__(RUNTIMES[target])
+    except Exception as exc:
+        raise Unavailable(target + " not importable on {device}") from exc
+
+
+def _static(dim):
+    return dim if isinstance(dim, int) and dim > 0 else None
+
+
+def load_onnxruntime(directory: str, request: dict) -> Model:
+    ort = _import("onnxruntime")
+    options = ort.SessionOptions()
+    if request.get("threads"):
+        options.intra_op_num_threads = int(request["threads"])
+    options.inter_op_num_threads = 1
+    session = ort.InferenceSession(os.path.join(directory, "model.onnx"), options, providers=["CPUExecutionProvider"])
+    inp = session.get_inputs()[0]
+    facts = {
+        "runtime": "onnxruntime",
+        "version": ort.__version__,
+        "providers": session.get_providers(),
+        "threads": request.get("threads") or "runtime default",
+    }
+    return Model(
+        lambda x: session.run(None, {inp.name: x})[0], _static(inp.shape[0]), [_static(d) for d in inp.shape[1:]], facts
+    )
+
+
+def load_openvino(directory: str, request: dict) -> Model:
+    ov = _import("openvino")
+    with open(os.path.join(directory, "compile.json")) as fh:
+        hint = json.load(fh).get("INFERENCE_PRECISION_HINT")
+    # The same compile properties as t2tedge's local OpenVinoRunner.
+    properties = {"PERFORMANCE_HINT": "LATENCY"}
+    if hint:
+        properties["INFERENCE_PRECISION_HINT"] = hint
+    if request.get("threads"):
+        properties["INFERENCE_NUM_THREADS"] = int(request["threads"])
+    core = ov.Core()
+    compiled = core.compile_model(core.read_model(os.path.join(directory, "model.xml")), "CPU", properties)
+    infer = compiled.create_infer_request()
+    shape = compiled.input(0).get_partial_shape()
+    dims = [d.get_length() if d.is_static else None for d in shape]
+    facts = {
+        "runtime": "openvino",
+        "version": ov.get_version(),
+        "device": "CPU",
+        "inference_precision_hint": hint or "plugin default",
+        "inference_precision_used": compiled.get_property("INFERENCE_PRECISION_HINT").to_string(),
+        "threads": int(compiled.get_property("INFERENCE_NUM_THREADS")),
+    }
+    return Model(lambda x: infer.infer({0: x})[0], dims[0], dims[1:], facts)
+
+
+class _Cuda:
+    """The few CUDA runtime calls a TensorRT engine needs, through ctypes (no torch/pycuda on the device)."""
+
+    H2D, D2H = 1, 2
+
+    def __init__(self) -> None:
+        names = [ctypes.util.find_library("cudart"), "libcudart.so", "libcudart.so.12", "libcudart.so.11.0"]
+        for name in filter(None, names):
+            try:
+                self.lib = ctypes.CDLL(name)
+                break
+            except OSError:
+                continue
+        else:
+            raise Unavailable("tensorrt: libcudart (CUDA runtime) not found on {device}")
+        self.stream = ctypes.c_void_p()
+        self._check(self.lib.cudaStreamCreate(ctypes.byref(self.stream)), "cudaStreamCreate")
+
+    def _check(self, status: int, what: str) -> None:
+        if status != 0:
+            raise Failure("error", f"{what} failed with CUDA error {status}")
+
+    def malloc(self, nbytes: int) -> int:
+        pointer = ctypes.c_void_p()
+        self._check(self.lib.cudaMalloc(ctypes.byref(pointer), ctypes.c_size_t(nbytes)), "cudaMalloc")
+        return pointer.value
+
+    def copy(self, dst, src, nbytes: int, kind: int) -> None:
+        self._check(
+            self.lib.cudaMemcpy(ctypes.c_void_p(dst), ctypes.c_void_p(src), ctypes.c_size_t(nbytes), kind),
+            "cudaMemcpy",
+        )
+
+    def synchronize(self) -> None:
+        self._check(self.lib.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
+
+
+def load_tensorrt(directory: str, request: dict) -> Model:
+    """Build the engine from the artifact's Q/DQ ONNX (cached here by content hash), then run it."""
+    import numpy as np
+
+    trt = _import("tensorrt")
+    cuda = _Cuda()
+    gpu = _gpu() or "gpu"
+    key = hashlib.sha256(f"{request['model_sha256']}|{trt.__version__}|{gpu}".encode()).hexdigest()
+    engines = os.path.join(request["workdir"], "engines")
+    engine = os.path.join(engines, key[:16] + ".engine")
+    built_now = not os.path.isfile(engine)
+    if built_now:
+        os.makedirs(engines, exist_ok=True)
+        staging = f"{engine}.{os.getpid()}.tmp"
+        argv = [sys.executable, os.path.join(directory, "build_engine.py"), directory, "--engine", staging]
+        argv += ["--timing-cache", os.path.join(engines, "timing.cache")]
+        result = subprocess.run(argv, stdout=sys.stderr, stderr=subprocess.PIPE, timeout=_remaining())
+        if result.returncode != 0 or not os.path.isfile(staging):
+            tail = result.stderr.decode(errors="replace").strip().splitlines()[-3:]
+            raise Failure("error", "TensorRT engine build failed: " + (" | ".join(tail) or "no output"))
+        os.replace(staging, engine)
+    logger = trt.Logger(trt.Logger.WARNING)
+    with open(engine, "rb") as fh:
+        compiled = trt.Runtime(logger).deserialize_cuda_engine(fh.read())
+    context = compiled.create_execution_context()
+    names = [compiled.get_tensor_name(i) for i in range(compiled.num_io_tensors)]
+    inp = next(n for n in names if compiled.get_tensor_mode(n) == trt.TensorIOMode.INPUT)
+    out = next(n for n in names if compiled.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT)
+    shape = list(compiled.get_tensor_shape(inp))
+    fixed = shape[0] if shape[0] > 0 else None
+    in_type, out_type = trt.nptype(compiled.get_tensor_dtype(inp)), trt.nptype(compiled.get_tensor_dtype(out))
+    buffers = {}
+
+    def run(x):
+        x = np.ascontiguousarray(x, dtype=in_type)
+        context.set_input_shape(inp, tuple(x.shape))
+        y = np.empty(tuple(context.get_tensor_shape(out)), dtype=out_type)
+        for name, array in ((inp, x), (out, y)):
+            if buffers.get(name, (0, 0))[1] < array.nbytes:
+                buffers[name] = (cuda.malloc(array.nbytes), array.nbytes)
+            context.set_tensor_address(name, buffers[name][0])
+        # Per iteration: copy in, execute, copy out, synchronized: trtexec's end-to-end "Latency".
+        cuda.copy(buffers[inp][0], x.ctypes.data, x.nbytes, cuda.H2D)
+        if not context.execute_async_v3(cuda.stream.value):
+            raise Failure("error", "TensorRT inference failed")
+        cuda.copy(y.ctypes.data, buffers[out][0], y.nbytes, cuda.D2H)
+        cuda.synchronize()
+        return y.astype(np.float32)
+
+    facts = {
+        "runtime": "tensorrt",
+        "version": trt.__version__,
+        "gpu": gpu,
+        "engine": {"cache_key": key[:16], "built_now": built_now, "precision": request["build"].get("precision")},
+        "timing": "host->device copy + execute_async_v3 + device->host copy per iteration (trtexec 'Latency')",
+    }
+    return Model(run, fixed, [d if d > 0 else None for d in shape[1:]], facts)
+
+
+def load_coreml(directory: str, request: dict) -> Model:
+    """Compile the .mlpackage and predict with Core ML (macOS only), one image at a time like t2tedge."""
+    import numpy as np
+
+    if platform.system() != "Darwin":
+        raise Unavailable("coreml predicts only on macOS; {device} runs " + platform.system())
+    ct = _import("coreml")
+    build = request["build"]
+    units = request.get("compute_units") or build.get("compute_units", "ALL")
+    package = os.path.join(directory, build.get("package", "model.mlpackage"))
+    model = ct.models.MLModel(package, compute_units=ct.ComputeUnit[units])  # compiles the package
+    image_input = build["input"] if build.get("input", {}).get("type") == "image" else None
+    name, output = build.get("input", {}).get("name", "images"), build.get("output", "logits")
+
+    def feed(image):
+        if image_input is None:
+            return image[None]
+        from PIL import Image
+
+        mean = np.asarray(image_input["mean"], np.float32)[:, None, None]
+        std = np.asarray(image_input["std"], np.float32)[:, None, None]
+        pixels = np.clip(np.rint((image * std + mean) * 255), 0, 255).astype(np.uint8)
+        return Image.fromarray(pixels.transpose(1, 2, 0), "RGB")
+
+    def run(x):
+        return np.concatenate([np.asarray(model.predict({name: feed(i)})[output]) for i in x]).astype(np.float32)
+
+    shape = build.get("input", {}).get("shape", [1, 3, None, None])
+    facts = {"runtime": "coreml", "version": ct.__version__, "compute_units": units}
+    return Model(run, 1, shape[1:], facts)
+
+
+LOADERS = {
+    "onnxruntime": load_onnxruntime,
+    "openvino": load_openvino,
+    "tensorrt": load_tensorrt,
+    "coreml": load_coreml,
+}
+
+
+def latency(model: Model, request: dict) -> list:
+    """Warm-up, then timed iterations until both the minimum count and the minimum time are met."""
+    import numpy as np
+
+    batch = int(request.get("batch") or 1)
+    size = request.get("image_size") or 224
+    channels, height, width = [d or default for d, default in zip(model.input_shape, [3, size, size])]  # noqa: B905
+    image = np.random.default_rng(0).standard_normal((batch, channels, height, width)).astype(np.float32)
+    for _ in range(int(request["warmup"])):
+        model(image)
+    seconds = []
+    while len(seconds) < int(request["min_iters"]) or sum(seconds) < float(request["min_seconds"]):
+        started = time.perf_counter()
+        model(image)
+        seconds.append(time.perf_counter() - started)
+    return seconds
+
+
+def logits(model: Model, path: str, batch_size: int = 32) -> str:
+    import numpy as np
+
+    images = np.load(path)
+    out = np.concatenate([model(images[i : i + batch_size]) for i in range(0, len(images), batch_size)])
+    buffer = io.BytesIO()
+    np.save(buffer, out.astype(np.float32))
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def run(request: dict) -> dict:
+    workdir = request["workdir"] = os.path.expanduser(request["workdir"])
+    if request.get("upload"):
+        commit(workdir, request["upload"], request["files"])
+    else:
+        for relative, expected in request["files"].items():
+            path = _safe(workdir, relative)
+            if not os.path.isfile(path) or sha256_file(path) != expected:
+                raise Failure("corrupt", f"{relative} changed on the device since it was checked")
+    target = request["target"]
+    directory = _safe(workdir, request["artifact"])
+    facts = host_facts([target])
+    try:
+        try:
+            import numpy  # noqa: F401
+        except ImportError:
+            raise Unavailable("numpy not importable on {device}") from None
+        model = LOADERS[target](directory, request)
+    except Unavailable as exc:
+        return {"ok": True, "host": facts, "unavailable": str(exc)}
+    answer = {"ok": True, "host": facts, "runtime": model.facts}
+    if request["mode"] == "latency":
+        answer["seconds"] = latency(model, request)
+    else:
+        answer["logits_npy_b64"] = logits(model, _safe(workdir, request["images"]))
+    return answer
+
+
+# ---- entry point -------------------------------------------------------------------------------------------
+
+_DEADLINE = [None]
+
+
+def _remaining() -> float | None:
+    return None if _DEADLINE[0] is None else max(1.0, _DEADLINE[0] - time.monotonic())
+
+
+def main(argv: list) -> int:
+    # The answer owns stdout; runtimes that print (build logs, warnings) are sent to stderr.
+    answer_fd = os.dup(1)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    try:
+        command = argv[1]
+        request = json.loads(base64.b64decode(argv[2]).decode()) if len(argv) > 2 else {}
+        if request.get("deadline_s") and hasattr(signal, "alarm"):
+            # A last resort if the ssh side cannot kill us: SIGALRM's default action ends the process even
+            # while a runtime holds the GIL in native code.
+            signal.alarm(int(request["deadline_s"]))
+            _DEADLINE[0] = time.monotonic() + float(request["deadline_s"])
+        if command == "info":
+            answer = {"ok": True, "host": host_facts(request.get("targets") or list(RUNTIMES))}
+        elif command == "check":
+            answer = {"ok": True, **check(request)}
+        elif command == "run":
+            answer = run(request)
+        else:
+            answer = {"ok": False, "kind": "error", "message": f"unknown command {command!r}"}
+    except Failure as exc:
+        answer = {"ok": False, "kind": exc.kind, "message": str(exc)}
+    except OSError as exc:
+        kind = "disk_full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else "error"
+        answer = {"ok": False, "kind": kind, "message": f"{type(exc).__name__}: {exc}"}
+    except Exception as exc:
+        answer = {"ok": False, "kind": "error", "message": f"{type(exc).__name__}: {exc}"}
+    with os.fdopen(answer_fd, "w") as out:
+        out.write(json.dumps(answer) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
