@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import shutil
 import sys
 from pathlib import Path
@@ -164,8 +165,10 @@ def build(
     target: Annotated[list[str] | None, typer.Option(help="target(s) (overrides the recipe)")] = None,
     precision: Annotated[list[str] | None, typer.Option(help="precision(s) (overrides the recipe)")] = None,
     limit: Annotated[int | None, typer.Option(help="validate on N images only")] = None,
+    benchmark: Annotated[bool, typer.Option(help="time the artifacts after building (recipe `benchmark:`)")] = True,
+    report: Annotated[bool, typer.Option(help="write the report (Markdown, JSON, plots) at the end")] = True,
 ) -> None:
-    """Run a recipe: export, compile per target, validate; reuses artifacts whose hash exists."""
+    """Run a recipe: export, compile per target, validate, benchmark, report; reuses artifacts whose hash exists."""
     from t2tedge.pipeline.build import Builder
     from t2tedge.pipeline.recipe import load_recipe
 
@@ -173,6 +176,8 @@ def build(
     loaded = load_recipe(recipe, overrides)
     if limit is not None:
         loaded = loaded.model_copy(update={"data": loaded.data.model_copy(update={"limit": limit})})
+    if not benchmark:
+        loaded = loaded.model_copy(update={"benchmark": loaded.benchmark.model_copy(update={"enabled": False})})
     rows = Builder(loaded).run()
     table = Table(title=f"{loaded.name}: accuracy on {loaded.data.validation}")
     for column in (
@@ -201,6 +206,8 @@ def build(
         )
     out.print(table)
     out.print(f"summary: {loaded.output_dir / (loaded.name + '-summary.json')}")
+    if report:
+        _print_report(loaded.output_dir)
 
 
 @app.command()
@@ -235,8 +242,86 @@ def validate(
 def demo(
     output_dir: Annotated[Path, typer.Option(help="artifact store")] = Path("artifacts"),
 ) -> None:
-    """Build and validate the bundled demo (T2T-ViT-7 vs MobileNetV2 on Fashion-MNIST)."""
-    build("demo", output_dir=output_dir, target=None, precision=None, limit=None)
+    """The bundled demo: T2T-ViT-7 vs MobileNetV2/V3-Small on Fashion-MNIST, every target, built to report."""
+    build("demo", output_dir=output_dir, target=None, precision=None, limit=None, benchmark=True, report=True)
+
+
+@app.command()
+def bench(
+    artifacts: Annotated[list[Path], typer.Argument(help="artifact directories (each holds manifest.json)")],
+    batch: Annotated[list[int] | None, typer.Option(help="batch size(s) to sweep (default 1)")] = None,
+    threads: Annotated[list[int] | None, typer.Option(help="thread count(s) to sweep (default: all cores)")] = None,
+    warmup: Annotated[int, typer.Option(min=0)] = 10,
+    min_iters: Annotated[int, typer.Option(min=1, help="at least this many timed iterations each")] = 200,
+    min_seconds: Annotated[float, typer.Option(min=0, help="and at least this many seconds each")] = 10.0,
+    force: Annotated[bool, typer.Option(help="measure again even where the manifest has this point")] = False,
+    json_path: Annotated[Path | None, typer.Option("--json", help="also write the records here")] = None,
+    device: Annotated[str | None, typer.Option(help="time on this SSH device (see `t2tedge device`)")] = None,
+    timeout: Annotated[float, typer.Option(help="seconds per artifact on a device before the run is killed")] = (
+        1800.0
+    ),
+) -> None:
+    """Time built artifacts on this host (interleaved) or on a device; results land in their manifests."""
+    from t2tedge.pipeline.bench import bench_artifacts
+    from t2tedge.pipeline.recipe import BenchmarkConfig
+    from t2tedge.pipeline.store import write_json
+
+    cfg = BenchmarkConfig(
+        warmup=warmup,
+        min_iters=min_iters,
+        min_seconds=min_seconds,
+        batch_sizes=batch or [1],
+        threads=threads or [None],
+    )
+    records = bench_artifacts(artifacts, cfg, force=force, device=device, timeout_s=timeout)
+    table = Table(title=f"latency on {device or 'this host'}")
+    for column in ("model", "target", "precision", "batch", "threads", "p50 ms", "p90 ms", "p99 ms", "img/s",
+                   "efficiency", "label", "artifact"):  # fmt: skip
+        table.add_column(column, overflow="fold")
+    for r in records:
+        measured = r["label"] == "measured"
+        eff = r.get("efficiency_pct")
+        table.add_row(
+            r["model"], r["target"], r["precision"], str(r["batch"]), str(r["threads_requested"]),
+            *([f"{r['latency_ms_p50']:.3f}", f"{r['latency_ms_p90']:.3f}", f"{r['latency_ms_p99']:.3f}",
+               f"{r['throughput_ips']:.0f}"] if measured else ["-"] * 4),
+            f"{eff:.1f}%" if eff is not None else "-",
+            r["label"] + ("" if measured else f": {r['reason']}") + (" (stored)" if r["reused"] else ""),
+            r["artifact"],
+        )  # fmt: skip
+    out.print(table)
+    if json_path is not None:
+        from t2tedge.evaluation.host import host_info
+
+        write_json(json_path, {"host": host_info(), "settings": cfg.model_dump(), "records": records})
+        out.print(f"wrote {json_path}")
+
+
+@app.command()
+def report(
+    build_dir: Annotated[Path, typer.Argument(help="a build's output directory (holds *-summary.json)")] = Path(
+        "artifacts"
+    ),
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="default: BUILD_DIR/report")] = None,
+) -> None:
+    """Write the comparison report: Markdown + JSON + PNG plots, T2T-ViT vs MobileNet per target."""
+    _print_report(build_dir, output)
+
+
+def _print_report(build_dir: Path, output: Path | None = None) -> None:
+    from t2tedge.report import write_report
+
+    files = write_report(build_dir, output)
+    table = Table(title="headline: T2T-ViT vs MobileNet (latency ratio > 1: T2T-ViT slower)")
+    for column in ("target", "precision", "pair", "p50 ms T2T / MobileNet", "latency ratio", "top-1 Δ pts"):
+        table.add_column(column)
+    for e in files.headline:
+        ratio = f"{e['latency_ratio']:.2f}x" if "latency_ratio" in e else f"unavailable: {e['latency_unavailable']}"
+        p50 = f"{e['t2t_p50_ms']:.3f} / {e['mobilenet_p50_ms']:.3f}" if "latency_ratio" in e else "-"
+        delta = f"{e['top1_delta']:+.2f} ({e['accuracy_label']})" if "top1_delta" in e else "-"
+        table.add_row(e["target"], e["precision"], f"{e['t2t_vit']} vs {e['mobilenet']}", p50, ratio, delta)
+    out.print(table)
+    out.print(f"report: {files.markdown}  (JSON {files.json.name}, {len(files.plots)} plots)")
 
 
 @app.command("tensorrt-lint")
@@ -271,8 +356,11 @@ def tensorrt_engine(
     out.print(f"engine: {build_engine(artifact)}")
 
 
+_DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
 def main() -> None:
-    """Console entry point: user errors become one line on stderr and exit code 2."""
+    """Console entry point: user errors and a full disk become one line on stderr and exit code 2."""
     try:
         app()
     except T2tedgeError as exc:
@@ -281,6 +369,20 @@ def main() -> None:
     except KeyboardInterrupt:
         Console(stderr=True).print("interrupted; finished artifacts are kept, unfinished ones were discarded")
         sys.exit(130)
+    except OSError as exc:
+        if exc.errno not in _DISK_FULL:
+            raise
+        # A full disk (or quota, or file-size limit) is the user's to fix, not a crash: one line, like errors.
+        # shutil's copies name the source in `filename` and the file being written in `filename2`.
+        written = exc.filename2 or exc.filename
+        where = f" {written}" if written else ""
+        Console(stderr=True).print(
+            f"[bold red]error:[/] cannot write{where}: {exc.strerror}; unfinished artifacts were discarded, "
+            "free some space and rerun",
+            highlight=False,
+            soft_wrap=True,
+        )
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from typing import TypeVar
 
@@ -18,7 +19,8 @@ from rich.progress import (
 
 T = TypeVar("T")
 
-console = Console(stderr=True)
+# Logs go to stderr; when it is a file or pipe, keep lines long enough not to wrap mid-message.
+console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 
 
 def track(items: Iterable[T], description: str, total: int | None = None) -> Iterator[T]:

@@ -125,7 +125,8 @@ def artifacts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         inputs = BuildInputs(onnx_path=onnx_path, image_size=SIZE, num_classes=10, family="mobilenet", config={})
         facts = get_target(target).build(inputs, "fp32", out)
         model_io = {"family": "mobilenet", "image_size": SIZE, "num_classes": 10, "preprocess": pre.to_dict()}
-        manifest = {"target": target, "precision": "fp32", "build": facts, "model_io": model_io}
+        manifest = {"model": "mobilenet_v2", "target": target, "precision": "fp32", "build": facts}
+        manifest["model_io"] = model_io
         (out / "manifest.json").write_text(json.dumps(manifest))
         paths[target] = out
     return paths
@@ -218,6 +219,35 @@ def test_validate_cli_with_device(sshd: dict, config_dir: Path, artifacts: dict[
                   "--device", "loop")  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "(measured on loop)" in result.stdout
+
+
+def test_bench_on_device_lands_beside_local_numbers_in_the_report(
+    sshd: dict, config_dir: Path, artifacts: dict[str, Path], tmp_path: Path
+) -> None:
+    from t2tedge.report import write_report
+
+    _device(sshd, "loop", tmp_path / "remote")
+    paths = [str(artifacts[t]) for t in TARGETS]
+    quick = ("--threads", "1", "--warmup", "1", "--min-iters", "10", "--min-seconds", "0")
+    for where in (("--device", "loop"), ()):
+        result = _cli("bench", *paths, *quick, *where, "--json", str(tmp_path / "b.json"))
+        assert result.returncode == 0, result.stderr
+    remote = _cli("bench", *paths, *quick, "--device", "loop", "--json", str(tmp_path / "b.json"))
+    records = json.loads((tmp_path / "b.json").read_text())["records"]
+    assert {r["target"] for r in records} == set(TARGETS)
+    assert all(r["host"] == "loop" and r["reused"] for r in records), remote.stdout  # stored, not re-timed
+    stored = Artifact(artifacts["openvino"]).manifest["latency"]
+    assert stored["loop/b1-t1"]["label"] == "measured" and stored["loop/b1-t1"]["iterations"] >= 10
+    assert stored["loop/b1-t1"]["host_info"]["device"] == "loop" and stored["local/b1-t1"]["label"] == "measured"
+    # a report over these artifacts shows one latency column group per host
+    summary = {
+        "recipe": {"name": "t", "benchmark": {"batch_sizes": [1], "threads": [1]}},
+        "rows": [{"artifact": p, "accuracy": {"label": "measured", "top1": 50.0}} for p in paths],
+        "models": {},
+    }
+    (tmp_path / "t-summary.json").write_text(json.dumps(summary))
+    text = write_report(tmp_path).markdown.read_text()
+    assert "p50 ms @local" in text and "p50 ms @loop" in text
 
 
 def test_unreachable_host_and_refused_key_fail_fast(sshd: dict, config_dir: Path, tmp_path: Path) -> None:

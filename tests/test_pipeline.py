@@ -53,6 +53,7 @@ def _recipe(tmp_path: Path, checkpoint: Path, **extra: object) -> Path:
         "models": [{"name": "t2t_vit_7", "weights": str(checkpoint)}],
         "data": {"limit": 40},
         "export": {"parity_images": 8},
+        "benchmark": {"warmup": 1, "min_iters": 5, "min_seconds": 0, "efficiency": False},
         **extra,
     }
     path = tmp_path / "recipe.yaml"
@@ -81,6 +82,11 @@ def test_build_exports_validates_and_reuses(tmp_path: Path) -> None:
     assert again[0].accuracy == row.accuracy
     summary = json.loads((tmp_path / "artifacts" / "tiny-summary.json").read_text())
     assert summary["rows"][0]["model"] == "t2t_vit_7"
+    # the latency stage ran once and its stored numbers were reused by the second build
+    (latency,) = summary["rows"][0]["latency"].values()
+    assert latency["label"] == "measured" and latency["iterations"] >= 5 and latency["reused"]
+    assert latency["latency_ms_p50"] == row.latency[next(iter(row.latency))]["latency_ms_p50"]
+    assert summary["models"]["t2t_vit_7"]["fp32_torch"]["top1"] == accuracy["top1"]
 
 
 def test_recipe_errors_name_the_field(tmp_path: Path) -> None:
@@ -106,7 +112,8 @@ def test_builder_refuses_unknown_names_before_work(tmp_path: Path) -> None:
 
 def test_bundled_demo_recipe_loads() -> None:
     recipe = load_recipe("demo")
-    assert [m.name for m in recipe.models] == ["t2t_vit_7", "mobilenet_v2"]
+    assert [m.name for m in recipe.models] == ["t2t_vit_7", "mobilenet_v2", "mobilenet_v3_small"]
+    assert recipe.benchmark.enabled and recipe.targets == ["onnxruntime", "openvino", "tensorrt", "coreml"]
 
 
 def test_performer_epsilon_survives_onnx_export(tmp_path: Path) -> None:

@@ -23,7 +23,7 @@ from t2tedge.evaluation.host import host_info
 from t2tedge.evaluation.latency import summarize, time_interleaved
 from t2tedge.pipeline.recipe import BenchmarkConfig
 from t2tedge.pipeline.store import Artifact, read_manifest
-from t2tedge.progress import log, progress_task
+from t2tedge.progress import log, progress_task, track
 from t2tedge.targets import get_target
 
 LOCAL = "local"
@@ -80,16 +80,21 @@ def bench_artifacts(
     paths: list[Path],
     cfg: BenchmarkConfig,
     force: bool = False,
+    device: str | None = None,
+    timeout_s: float = 1800.0,
 ) -> list[dict[str, Any]]:
     """Latency of each artifact at each batch size x thread count of ``cfg``, measured or reused.
 
-    Artifacts measured at the same (batch, threads) are timed together in interleaved rounds.
+    Locally, artifacts measured at the same (batch, threads) are timed together in interleaved rounds;
+    with ``device`` each artifact is timed on that SSH device (see ``t2tedge device``).
     Returns one record per artifact and point; each is also written into the artifact's manifest.
     """
     artifacts = [Artifact(Path(p)) for p in paths]
     for artifact in artifacts:
         read_manifest(artifact.path)  # a clear error for a directory that is not an artifact
     settings = _settings(cfg)
+    if device is not None:
+        return _bench_remote(artifacts, cfg, settings, force, device, timeout_s)
     records: list[dict[str, Any]] = []
     peaks: dict[int | None, dict[str, Any]] = {}
     for threads in cfg.threads:
@@ -104,7 +109,7 @@ def bench_artifacts(
                 if old and not force and old.get("settings") == settings and old.get("label") == MEASURED:
                     records.append(_record(manifest, artifact, old, reused=True))
                     continue
-                record, runner = _prepare(artifact, manifest, batch, threads)
+                record, runner = _prepare(artifact, manifest, batch, threads, settings)
                 if runner is None:
                     artifact.update_manifest(latency={key: record})
                     records.append(_record(manifest, artifact, record, reused=False))
@@ -131,6 +136,49 @@ def bench_artifacts(
     return records
 
 
+def _bench_remote(
+    artifacts: list[Artifact],
+    cfg: BenchmarkConfig,
+    settings: dict[str, Any],
+    force: bool,
+    device: str,
+    timeout_s: float,
+) -> list[dict[str, Any]]:
+    """Each artifact timed on a device over SSH, one after the other (the device runs nothing else)."""
+    from t2tedge.devices.remote import remote_latency
+
+    records = []
+    points = [(t, b, a) for t in cfg.threads for b in cfg.batch_sizes for a in artifacts]
+    for threads, batch, artifact in track(points, f"benchmarking on {device}", total=len(points)):
+        manifest = artifact.manifest
+        key = latency_key(device, batch, threads)
+        old = manifest.get("latency", {}).get(key)
+        if old and not force and old.get("settings") == settings and old.get("label") == MEASURED:
+            records.append(_record(manifest, artifact, old, reused=True))
+            continue
+        result = remote_latency(
+            device, artifact.path, batch, threads, cfg.warmup, cfg.min_iters, cfg.min_seconds, timeout_s
+        )
+        record: dict[str, Any] = {
+            "host": device,
+            "host_info": result["host"],
+            "batch": batch,
+            "threads_requested": threads or "all",
+            "settings": settings,
+            "measured_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "label": result["label"],
+            "runtime": result.get("runtime", {}),
+        }
+        if result["label"] == MEASURED:
+            record.update(summarize(result["seconds"], batch))
+            _efficiency(record, manifest, None)  # no peak GEMM is measured on devices
+        else:
+            record["reason"] = result.get("reason", "")
+        artifact.update_manifest(latency={key: record})
+        records.append(_record(manifest, artifact, record, reused=False))
+    return records
+
+
 def _time(
     runners: dict[str, Any], inputs: dict[str, np.ndarray], cfg: BenchmarkConfig, batch: int, threads: int | None
 ) -> dict[str, list[float]]:
@@ -150,7 +198,9 @@ def _time(
         return time_interleaved(runners, inputs, cfg.warmup, cfg.min_iters, cfg.min_seconds, cfg.round_iters, on_round)
 
 
-def _prepare(artifact: Artifact, manifest: dict[str, Any], batch: int, threads: int | None) -> tuple[dict, Any]:
+def _prepare(
+    artifact: Artifact, manifest: dict[str, Any], batch: int, threads: int | None, settings: dict[str, Any]
+) -> tuple[dict, Any]:
     """The start of a latency record and a runner, or an `unavailable` record and no runner."""
     target = get_target(manifest["target"])
     base: dict[str, Any] = {
@@ -158,6 +208,7 @@ def _prepare(artifact: Artifact, manifest: dict[str, Any], batch: int, threads: 
         "host_info": host_info(),
         "batch": batch,
         "threads_requested": threads or "all",
+        "settings": settings,
         "measured_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
     availability = target.availability()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +14,7 @@ import torch
 
 import t2tedge
 from t2tedge.calibration import CalibrationSet, calibration_set, select_indices
-from t2tedge.data.cache import cached_preprocess
+from t2tedge.data.cache import cached_preprocess, save_array
 from t2tedge.data.datasets import ImageDataset, open_dataset
 from t2tedge.errors import CheckpointError, T2tedgeError, TargetUnavailableError
 from t2tedge.evaluation.host import host_info
@@ -73,6 +73,7 @@ class BuildRow:
     reused: bool
     accuracy: dict[str, Any]
     build_seconds: float
+    latency: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return self.__dict__.copy()
@@ -86,6 +87,7 @@ class Builder:
         self.store = ArtifactStore(recipe.output_dir)
         self.cache_dir = Path(recipe.output_dir) / ".cache"
         self.overlaps: dict[str, int] = {}
+        self.model_facts: dict[str, dict[str, Any]] = {}
         # Fail on bad names before any long work starts.
         targets = [get_target(name) for name in recipe.targets]
         for precision in recipe.precisions:
@@ -96,6 +98,10 @@ class Builder:
                 raise T2tedgeError(
                     f"no target in this recipe offers precision {precision!r}; they offer: {', '.join(offered)}"
                 )
+        for target in targets:
+            availability = target.availability()
+            if not availability.can_build:
+                raise TargetUnavailableError(f"{target.name} cannot build here: {availability.reason}")
         for entry in recipe.models:
             get_spec(entry.name)
 
@@ -109,12 +115,67 @@ class Builder:
             exported = self.export(ctx, calibration_source)
             val = self._validation_set(ctx, exported, validation)
             calib = self._calibration_set(ctx, calibration_source, validation, val)
+            self.model_facts[entry.name] = self._model_facts(ctx, val)
             for target_name in self.recipe.targets:
                 target = get_target(target_name)
                 for precision in [p for p in self.recipe.precisions if p in target.precisions]:
                     rows.append(self.build_one(ctx, exported, target_name, precision, val, calib))
-        self._write_summary(rows)
+        if self.recipe.benchmark.enabled:
+            self.benchmark(rows)
+        self.summary_path = self._write_summary(rows)
         return rows
+
+    def benchmark(self, rows: list[BuildRow]) -> None:
+        """Time every built artifact on this host (reusing stored numbers) and attach them to the rows."""
+        from t2tedge.pipeline.bench import bench_artifacts
+
+        log("[bold]latency[/]")
+        records = bench_artifacts([Path(row.artifact) for row in rows if row.artifact], self.recipe.benchmark)
+        by_artifact: dict[str, dict[str, Any]] = {}
+        for record in records:
+            key = f"{record['host']}/b{record['batch']}-t{record['threads_requested']}"
+            by_artifact.setdefault(record["artifact"], {})[key] = record
+        for row in rows:
+            row.latency = by_artifact.get(row.artifact or "", {})
+
+    def _model_facts(self, ctx: ModelContext, val: ValidationSet) -> dict[str, Any]:
+        """What the report says of a model: FP32 PyTorch accuracy here, counted size, the paper's numbers."""
+        from t2tedge.evaluation.accuracy import topk_accuracy
+
+        spec = ctx.loaded.spec
+        return {
+            "family": spec.family,
+            "weights": ctx.loaded.weights,
+            "image_size": ctx.loaded.image_size,
+            "num_classes": ctx.loaded.num_classes,
+            "fp32_torch": {
+                "label": "measured",
+                "images": int(len(val.labels)),
+                "top1": topk_accuracy(val.reference, val.labels, 1),
+                "top5": topk_accuracy(val.reference, val.labels, 5),
+            },
+            "counted": self._counted(spec.name),
+            "paper": {**spec.paper.__dict__},
+        }
+
+    def _counted(self, name: str) -> dict[str, Any]:
+        """Params and GMACs at the paper's setting (ImageNet-1k classes, default size), cached on disk."""
+        from t2tedge.models.counting import count_macs, count_params
+
+        path = self.cache_dir / "counted.json"
+        cached = json.loads(path.read_text()) if path.is_file() else {}
+        if name not in cached:
+            spec = get_spec(name)
+            model = spec.create()
+            size = spec.preprocess.input_size
+            cached[name] = {
+                "image_size": size,
+                "num_classes": 1000,
+                "params_m": round(count_params(model) / 1e6, 3),
+                "macs_g": round(count_macs(model, size) / 1e9, 3),
+            }
+            write_json(path, cached)
+        return cached[name]
 
     def _load(self, entry: ModelEntry) -> ModelContext:
         spec = get_spec(entry.name)
@@ -197,8 +258,7 @@ class Builder:
         else:
             torch.set_num_threads(self.recipe.threads or torch.get_num_threads())
             reference = torch_logits(ctx.loaded.model, images)
-            ref_path.parent.mkdir(parents=True, exist_ok=True)
-            np.save(ref_path, reference)
+            save_array(ref_path, reference)
         return ValidationSet(images, validation.labels[indices], reference, key, indices)
 
     def build_one(
@@ -290,6 +350,7 @@ class Builder:
                 "host": host_info(),
                 "t2tedge": t2tedge.__version__,
                 "calibration_validation_overlap": self.overlaps,
+                "models": self.model_facts,
                 "finished": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                 "rows": [row.to_dict() for row in rows],
             },
