@@ -44,6 +44,12 @@ def cached_preprocess(
     if path.is_file():
         return np.load(path), key, True
     array = preprocess(dataset, indices, pre, description)
+    save_array(path, array)
+    return array, key, False
+
+
+def save_array(path: Path, array: np.ndarray) -> None:
+    """``np.save`` atomically (temp file + rename): a full disk or a concurrent reader never sees half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
@@ -52,4 +58,3 @@ def cached_preprocess(
         tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)
-    return array, key, False
