@@ -167,13 +167,23 @@ def build(
     limit: Annotated[int | None, typer.Option(help="validate on N images only")] = None,
     benchmark: Annotated[bool, typer.Option(help="time the artifacts after building (recipe `benchmark:`)")] = True,
     report: Annotated[bool, typer.Option(help="write the report (Markdown, JSON, plots) at the end")] = True,
+    var: Annotated[
+        list[str] | None, typer.Option(help="NAME=VALUE for ${NAME} in the recipe, e.g. --var IMAGENET_VAL=/data/val")
+    ] = None,
 ) -> None:
     """Run a recipe: export, compile per target, validate, benchmark, report; reuses artifacts whose hash exists."""
+    from t2tedge.errors import RecipeError
     from t2tedge.pipeline.build import Builder
     from t2tedge.pipeline.recipe import load_recipe
 
     overrides = {"output_dir": output_dir, "targets": target or None, "precisions": precision or None}
-    loaded = load_recipe(recipe, overrides)
+    variables = {}
+    for item in var or []:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise RecipeError(f"--var takes NAME=VALUE, got {item!r}")
+        variables[name] = value
+    loaded = load_recipe(recipe, overrides, variables)
     if limit is not None:
         loaded = loaded.model_copy(update={"data": loaded.data.model_copy(update={"limit": limit})})
     if not benchmark:
@@ -243,7 +253,7 @@ def demo(
     output_dir: Annotated[Path, typer.Option(help="artifact store")] = Path("artifacts"),
 ) -> None:
     """The bundled demo: T2T-ViT-7 vs MobileNetV2/V3-Small on Fashion-MNIST, every target, built to report."""
-    build("demo", output_dir=output_dir, target=None, precision=None, limit=None, benchmark=True, report=True)
+    build("demo", output_dir=output_dir, target=None, precision=None, limit=None, benchmark=True, report=True, var=None)
 
 
 @app.command()

@@ -125,3 +125,22 @@ def test_performer_epsilon_survives_onnx_export(tmp_path: Path) -> None:
     eps = {i.name for i in graph.initializer if i.name.endswith(".eps")}  # identical constants are shared
     adds = [node for node in graph.node if node.op_type == "Add" and eps & set(node.input)]
     assert len(adds) == 2  # one per performer token layer
+
+
+def test_imagenet_recipe_takes_paths_as_variables(tmp_path: Path) -> None:
+    variables = {"T2T_CHECKPOINTS": str(tmp_path), "IMAGENET_VAL": "/data/val", "IMAGENET_TRAIN": "/data/train"}
+    recipe = load_recipe("imagenet", variables=variables)
+    names = [m.name for m in recipe.models]
+    assert names == ["t2t_vit_7", "t2t_vit_12", "t2t_vit_14", "t2t_vit_t_14"] + [
+        "mobilenet_v2",
+        "mobilenet_v3_large",
+        "mobilenet_v3_small",
+    ]
+    # each T2T-ViT entry names its official checkpoint file, whose name starts with the paper's top-1
+    for entry in recipe.models[:4]:
+        path = Path(entry.weights)
+        assert path.parent == tmp_path and path.name.endswith(".pth.tar")
+        assert float(path.name.split("_")[0]) == get_spec(entry.name).paper.top1
+    assert recipe.data.validation == "/data/val" and recipe.data.calibration == "/data/train"
+    with pytest.raises(RecipeError, match=r"needs \$\{IMAGENET_VAL\}"):
+        load_recipe("imagenet", variables={"T2T_CHECKPOINTS": "x", "IMAGENET_TRAIN": "y"})

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -141,8 +144,34 @@ class Recipe(_Strict):
         return value
 
 
-def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> Recipe:
-    """Read and validate a recipe; CLI overrides replace top-level keys. Errors name the field."""
+_VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def expand_variables(value: Any, variables: Mapping[str, str], source: Path) -> Any:
+    """Replace ``${NAME}`` in every string of a recipe (paths as arguments); unset names are an error."""
+    if isinstance(value, dict):
+        return {k: expand_variables(v, variables, source) for k, v in value.items()}
+    if isinstance(value, list):
+        return [expand_variables(v, variables, source) for v in value]
+    if not isinstance(value, str):
+        return value
+
+    def lookup(match: re.Match[str]) -> str:
+        name = match.group(1)
+        if name not in variables:
+            raise RecipeError(f"{source} needs ${{{name}}}: pass --var {name}=VALUE or set it in the environment")
+        return variables[name]
+
+    return _VARIABLE.sub(lookup, value)
+
+
+def load_recipe(
+    path: str | Path, overrides: dict[str, Any] | None = None, variables: Mapping[str, str] | None = None
+) -> Recipe:
+    """Read and validate a recipe; CLI overrides replace top-level keys. Errors name the field.
+
+    ``${NAME}`` in the recipe's strings is taken from ``variables``, then from the environment.
+    """
     path = Path(path)
     if not path.is_file():
         bundled = BUNDLED_RECIPES / f"{path.name}.yaml"
@@ -156,6 +185,7 @@ def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> Re
         raise RecipeError(f"{path} is not valid YAML ({str(exc).splitlines()[0]})") from None
     if not isinstance(data, dict):
         raise RecipeError(f"{path} must be a mapping of recipe keys")
+    data = expand_variables(data, {**os.environ, **(variables or {})}, path)
     data.update({k: v for k, v in (overrides or {}).items() if v is not None})
     try:
         return Recipe.model_validate(data)

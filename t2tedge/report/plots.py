@@ -35,6 +35,7 @@ def accuracy_vs_latency(data: ReportData, host: str, path: Path) -> Path | None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib import ticker
 
     rows = measured(data, host)
     targets = [t for t in dict.fromkeys(r.target for r in rows)]
@@ -55,6 +56,10 @@ def accuracy_vs_latency(data: ReportData, host: str, path: Path) -> Path | None:
         ax.plot([p[0] for p in front], [p[1] for p in front], "--", color="gray", linewidth=1.2, zorder=2,
                 label="Pareto front")  # fmt: skip
         ax.set_xscale("log")
+        # plain numbers at 1-2-5 steps instead of 2x10^0 style labels on every minor tick
+        ax.xaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda value, _: f"{value:g}"))
+        ax.xaxis.set_minor_formatter(ticker.NullFormatter())
         ax.set_title(f"{target} ({host})", fontsize=11)
         ax.set_xlabel("p50 latency, batch 1 (ms, log scale)")
         ax.set_ylabel("top-1 (%)")
