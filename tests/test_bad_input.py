@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +68,27 @@ def _cli(*args: str | Path, env: dict[str, str] | None = None, **kwargs: Any) ->
         timeout=180,
         **kwargs,
     )
+
+
+@pytest.fixture
+def cli_here(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> Callable[..., subprocess.CompletedProcess[str]]:
+    """The console entry point run in this process: same `main()`, without paying ~4 s of imports per case.
+
+    Used for inputs refused before any build work; cases that build, kill, race or limit a process use `_cli`.
+    """
+    from t2tedge.cli import main
+
+    def run(*args: str | Path) -> subprocess.CompletedProcess[str]:
+        monkeypatch.setattr(sys, "argv", ["t2tedge", *map(str, args)])
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit_info:
+            main()
+        captured = capsys.readouterr()
+        return subprocess.CompletedProcess(sys.argv, exit_info.value.code, captured.out, captured.err)
+
+    return run
 
 
 def _start(*args: str | Path, log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
@@ -181,20 +203,20 @@ def reference(tmp_path_factory: pytest.TempPathFactory, checkpoint: Path) -> Pat
 
 
 @pytest.mark.parametrize("damage", ["garbage", "truncated"])
-def test_corrupt_or_truncated_checkpoint(tmp_path: Path, checkpoint: Path, damage: str) -> None:
+def test_corrupt_or_truncated_checkpoint(tmp_path: Path, checkpoint: Path, damage: str, cli_here: Any) -> None:
     bad = tmp_path / "bad.pt"
     data = checkpoint.read_bytes()
     bad.write_bytes(os.urandom(4096) if damage == "garbage" else data[: len(data) // 2])
-    line = _one_line_error(_cli("build", _recipe(tmp_path, bad)), str(bad), "not a readable checkpoint")
+    line = _one_line_error(cli_here("build", _recipe(tmp_path, bad)), str(bad), "not a readable checkpoint")
     assert "truncated or corrupt" in line or damage == "garbage"
     assert not (tmp_path / "artifacts").exists()
 
 
-def test_checkpoint_of_another_architecture(tmp_path: Path) -> None:
+def test_checkpoint_of_another_architecture(tmp_path: Path, cli_here: Any) -> None:
     # A bare official-layout T2T-ViT-7 state dict (no metadata saying what it is) given as T2T-ViT-12.
     weights = _checkpoint(tmp_path / "t2t_vit_7.pth", meta=False)
     recipe = _recipe(tmp_path, weights, models=[{"name": "t2t_vit_12", "weights": str(weights), "image_size": 32}])
-    _one_line_error(_cli("build", recipe), "does not fit t2t_vit_12", "missing (e.g. blocks.7.")
+    _one_line_error(cli_here("build", recipe), "does not fit t2t_vit_12", "missing (e.g. blocks.7.")
     assert not (tmp_path / "artifacts").exists()
 
 
@@ -208,10 +230,10 @@ class _RunsCode:
         return (exec, (f"open({str(self.marker)!r}, 'w').write('pickle code ran')",))
 
 
-def test_pickle_checkpoint_is_refused_without_running_code(tmp_path: Path) -> None:
+def test_pickle_checkpoint_is_refused_without_running_code(tmp_path: Path, cli_here: Any) -> None:
     marker = tmp_path / "pwned"
     weights = _checkpoint(tmp_path / "evil.pt", meta=False, payload=_RunsCode(marker))
-    _one_line_error(_cli("build", _recipe(tmp_path, weights)), "refused", "needs pickled Python code")
+    _one_line_error(cli_here("build", _recipe(tmp_path, weights)), "refused", "needs pickled Python code")
     assert not marker.exists()
     assert not (tmp_path / "artifacts").exists()
     torch.load(weights, weights_only=False)  # the file really is dangerous: a plain unpickle runs it
@@ -221,21 +243,21 @@ def test_pickle_checkpoint_is_refused_without_running_code(tmp_path: Path) -> No
 # --- calibration images ----------------------------------------------------------------------------------
 
 
-def test_empty_calibration_folder(tmp_path: Path, checkpoint: Path) -> None:
+def test_empty_calibration_folder(tmp_path: Path, checkpoint: Path, cli_here: Any) -> None:
     (tmp_path / "calib").mkdir()
     recipe = _recipe(tmp_path, checkpoint, data={"calibration": str(tmp_path / "calib")})
-    _one_line_error(_cli("build", recipe), f"dataset folder {tmp_path / 'calib'} is empty")
+    _one_line_error(cli_here("build", recipe), f"dataset folder {tmp_path / 'calib'} is empty")
     assert not (tmp_path / "artifacts").exists()
 
 
-def test_calibration_folder_with_only_non_images(tmp_path: Path, checkpoint: Path) -> None:
+def test_calibration_folder_with_only_non_images(tmp_path: Path, checkpoint: Path, cli_here: Any) -> None:
     folder = tmp_path / "calib" / "shirts"
     folder.mkdir(parents=True)
     (folder / "notes.txt").write_text("not an image")
     (folder / "photo.jpg").write_text("text with an image's extension")
     (folder / "weights.bin").write_bytes(os.urandom(256))
     recipe = _recipe(tmp_path, checkpoint, data={"calibration": str(tmp_path / "calib")})
-    _one_line_error(_cli("build", recipe), "has no readable images (3 files skipped)")
+    _one_line_error(cli_here("build", recipe), "has no readable images (3 files skipped)")
     assert not (tmp_path / "artifacts").exists()
 
 
@@ -267,14 +289,14 @@ def test_grayscale_cmyk_rgba_images_build(tmp_path: Path, checkpoint: Path) -> N
 # --- names -------------------------------------------------------------------------------------------------
 
 
-def test_unknown_target(tmp_path: Path, checkpoint: Path) -> None:
-    result = _cli("build", _recipe(tmp_path, checkpoint), "--target", "tflite")
+def test_unknown_target(tmp_path: Path, checkpoint: Path, cli_here: Any) -> None:
+    result = cli_here("build", _recipe(tmp_path, checkpoint), "--target", "tflite")
     _one_line_error(result, "unknown target 'tflite'", "onnxruntime", "openvino")
     assert not (tmp_path / "artifacts").exists()
 
 
-def test_unknown_precision(tmp_path: Path, checkpoint: Path) -> None:
-    result = _cli("build", _recipe(tmp_path, checkpoint), "--precision", "int4")
+def test_unknown_precision(tmp_path: Path, checkpoint: Path, cli_here: Any) -> None:
+    result = cli_here("build", _recipe(tmp_path, checkpoint), "--precision", "int4")
     _one_line_error(result, "no precision 'int4'", "fp32, int8")
     assert not (tmp_path / "artifacts").exists()
 
