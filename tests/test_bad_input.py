@@ -101,9 +101,10 @@ def _start(*args: str | Path, log: Path, env: dict[str, str] | None = None) -> s
         )
 
 
-def _wait_for(condition: Any, what: str, seconds: float = 120) -> None:
+def _wait_for(condition: Any, what: str, proc: subprocess.Popen[bytes], log: Path, seconds: float = 120) -> None:
     deadline = time.monotonic() + seconds
     while not condition():
+        assert proc.poll() is None, f"exited ({proc.returncode}) before {what}:\n{log.read_text()[-4000:]}"
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.05)
 
@@ -341,7 +342,7 @@ def test_sigkill_mid_build_then_rerun(tmp_path: Path, checkpoint: Path, referenc
     out = tmp_path / "artifacts"
     proc = _start("build", recipe, log=tmp_path / "killed.log", env={"PAUSE_MARKER": str(marker)})
     try:
-        _wait_for(marker.exists, "the int8 build to reach its staging directory")
+        _wait_for(marker.exists, "the int8 build to reach its staging directory", proc, tmp_path / "killed.log")
         staging = list(out.glob("t2t_vit_7/onnxruntime/.int8-*.staging-*"))
         assert len(staging) == 1 and (staging[0] / "model.onnx").is_file()  # written, manifest not yet
     finally:
@@ -368,16 +369,20 @@ def test_two_concurrent_builds_into_one_directory(tmp_path: Path, checkpoint: Pa
     recipe, marker, release = _recipe(tmp_path, checkpoint), tmp_path / "paused", tmp_path / "release"
     first_log, second_log = tmp_path / "first.log", tmp_path / "second.log"
     first = _start("build", recipe, log=first_log, env={"PAUSE_MARKER": str(marker), "PAUSE_RELEASE": str(release)})
-    second = _start("build", recipe, log=second_log)
+    second = None
     try:
-        _wait_for(marker.exists, "the first build to hold the int8 artifact")
-        _wait_for(lambda: "waiting for another build holding .int8-" in second_log.read_text(), "the second to wait")
+        # The second starts once the first holds the int8 artifact's lock (started together, the second
+        # could win every lock and the first would never reach its pause).
+        _wait_for(marker.exists, "the first build to hold the int8 artifact", first, first_log)
+        second = _start("build", recipe, log=second_log)
+        waiting = "waiting for another build holding .int8-"
+        _wait_for(lambda: waiting in second_log.read_text(), "the second to wait", second, second_log)
         release.write_text("go")
         assert first.wait(timeout=180) == 0, first_log.read_text()[-4000:]
         assert second.wait(timeout=180) == 0, second_log.read_text()[-4000:]
     finally:
         for proc in (first, second):
-            if proc.poll() is None:
+            if proc is not None and proc.poll() is None:
                 proc.kill()
     assert "onnxruntime/int8: built" in first_log.read_text()
     assert "onnxruntime/int8: reused" in second_log.read_text()
