@@ -1,11 +1,17 @@
 """OpenVINO INT8 latency on this CPU: our NNCF build vs FP32 (f32 and default hint) and plain nncf.quantize.
 
     python benchmarks/openvino_int8.py [--models t2t_vit_7 mobilenet_v2] [--calib 300] [--threads 2]
-                                       [--min-iters 200] [--min-seconds 10] [--round-iters 20]
+                                       [--min-iters 200] [--min-seconds 10] [--round-iters 20] [--cpu-iters 100]
 
-Batch 1, ``INFERENCE_NUM_THREADS=threads``, PERFORMANCE_HINT=LATENCY. The four variants of a model are
+Batch 1, ``INFERENCE_NUM_THREADS=threads``, PERFORMANCE_HINT=LATENCY: every variant is compiled with the
+product's ``compile_properties`` and differs only in its precision hint (f32 for the FP32 baseline, the
+plugin default otherwise; each row records the properties it ran with). The four variants of a model are
 timed in interleaved rounds (direction alternating each round) until every one has run at least
 ``--min-iters`` iterations and ``--min-seconds`` seconds, so load from other processes hits them alike.
+Then, with the timed models released, a second interleaved pass records each variant's process CPU time
+per inference at 1 thread (``--cpu-iters``): on a host shared with other work, CPU time does not grow
+when a core is taken away, so its ratios are the robust ones. A PERF_COUNT profile of FP32 (f32) and our
+INT8 build shows where the time goes and which nodes really ran int8 (``*_i8`` exec types).
 Weights are random (no published T2T-ViT weights are reachable here), which does not change latency;
 calibration uses real Fashion-MNIST training images through each model's own 224 px eval transform.
 """
@@ -36,11 +42,11 @@ from t2tedge.pipeline.export import export_onnx
 from t2tedge.pipeline.recipe import QuantizationConfig
 from t2tedge.pipeline.store import Artifact
 from t2tedge.targets import BuildInputs, get_target
-from t2tedge.targets.openvino import MODEL_XML, OpenVinoRunner, count_ops, quiet_nncf
+from t2tedge.targets.openvino import DEVICE, MODEL_XML, OpenVinoRunner, compile_properties, count_ops, quiet_nncf
 
 
-def build_variants(name: str, calibration: np.ndarray, threads: int, workdir: Path) -> dict[str, dict[str, Any]]:
-    """The four compiled variants of one model, each with what it is and how it was built."""
+def build_variants(name: str, calibration: np.ndarray, workdir: Path) -> dict[str, dict[str, Any]]:
+    """The four variants of one model: how to load each (``load(threads)``) and how it was built."""
     import nncf
     import openvino as ov
 
@@ -56,8 +62,8 @@ def build_variants(name: str, calibration: np.ndarray, threads: int, workdir: Pa
     fp32_dir.mkdir()
     inputs = BuildInputs(onnx_path=onnx_path, image_size=size, num_classes=1000, family=spec.family, config={})
     fp32_facts = target.build(inputs, "fp32", fp32_dir)
-    variants["fp32 (f32 hint)"] = {"runner": OpenVinoRunner(fp32_dir / MODEL_XML, "f32", threads), "build": fp32_facts}
-    variants["fp32 (default hint)"] = {"runner": OpenVinoRunner(fp32_dir / MODEL_XML, None, threads)}
+    variants["fp32 (f32 hint)"] = {"xml": fp32_dir / MODEL_XML, "hint": "f32", "build": fp32_facts}
+    variants["fp32 (default hint)"] = {"xml": fp32_dir / MODEL_XML, "hint": None}
 
     int8_dir = workdir / "int8"
     int8_dir.mkdir()
@@ -66,7 +72,9 @@ def build_variants(name: str, calibration: np.ndarray, threads: int, workdir: Pa
     started = time.perf_counter()
     int8_facts = target.build(inputs, "int8", int8_dir)
     int8_facts["build_seconds"] = round(time.perf_counter() - started, 1)
-    variants["int8 (t2tedge)"] = {"runner": target.load(Artifact(int8_dir), threads), "build": int8_facts}
+    # loaded the way the product loads it (compile.json: the plugin default hint, like the plain build)
+    ours = target.load(Artifact(int8_dir), 1).precision_hint_requested
+    variants["int8 (t2tedge)"] = {"xml": int8_dir / MODEL_XML, "hint": ours, "build": int8_facts}
 
     plain_dir = workdir / "plain"
     plain_dir.mkdir()
@@ -77,10 +85,83 @@ def build_variants(name: str, calibration: np.ndarray, threads: int, workdir: Pa
     seconds = round(time.perf_counter() - started, 1)
     ov.save_model(plain, plain_dir / MODEL_XML, compress_to_fp16=False)
     variants["int8 (nncf.quantize defaults)"] = {
-        "runner": OpenVinoRunner(plain_dir / MODEL_XML, None, threads),
+        "xml": plain_dir / MODEL_XML,
+        "hint": None,
         "build": {"fake_quantize_ops": count_ops(plain, "FakeQuantize"), "build_seconds": seconds},
     }
     return variants
+
+
+# Variants whose per-node profile (PERF_COUNT) goes in the JSON: where the time goes, and which precision
+# each MatMul really ran in (``*_i8`` exec types).
+PROFILED = ("fp32 (f32 hint)", "int8 (t2tedge)")
+
+
+def runner_facts(runner: OpenVinoRunner) -> dict[str, Any]:
+    return {
+        "precision_hint_requested": runner.precision_hint_requested or "plugin default",
+        "inference_precision": runner.inference_precision,
+        "threads": runner.threads,
+        "compile_properties": compile_properties(runner.precision_hint_requested, runner.threads),
+    }
+
+
+def cpu_time_1thread(variants: dict[str, dict[str, Any]], image: np.ndarray, args: argparse.Namespace) -> dict:
+    """Per-inference process CPU time at 1 thread, interleaved: the cost of a variant on a shared host.
+
+    Unlike wall time on 2 threads, CPU time does not grow when other processes take a core away, so its
+    ratios hold on a busy host; they leave out what a second thread adds or loses.
+    """
+    spent: dict[str, list[float]] = {key: [] for key in variants}
+
+    def timed(runner: OpenVinoRunner, bucket: list[float]) -> Any:
+        def run(x: np.ndarray) -> None:
+            started = time.process_time()
+            runner(x)
+            bucket.append(time.process_time() - started)
+
+        return run
+
+    runners = {key: timed(OpenVinoRunner(v["xml"], v["hint"], 1), spent[key]) for key, v in variants.items()}
+    time_interleaved(runners, image, args.warmup, args.cpu_iters, 0.0, args.round_iters)
+    out = {}
+    for key, seconds in spent.items():
+        ms = 1000.0 * np.asarray(seconds[args.warmup :])
+        out[key] = {"p50": round(float(np.median(ms)), 3), "p10": round(float(np.percentile(ms, 10)), 3)}
+    return out
+
+
+def op_profile(variant: dict[str, Any], image: np.ndarray, threads: int, iterations: int = 50) -> dict[str, Any]:
+    """Per-iteration time by (node type, exec type), from PERF_COUNT (the fastest of ``iterations`` per node)."""
+    import openvino as ov
+
+    core = ov.Core()
+    properties = {**compile_properties(variant["hint"], threads), "PERF_COUNT": True}
+    request = core.compile_model(core.read_model(variant["xml"]), DEVICE, properties).create_infer_request()
+    best: dict[tuple[str, str, str], float] = {}
+    for index in range(iterations + 5):
+        request.infer({0: image})
+        if index < 5:
+            continue
+        for info in request.profiling_info:
+            if info.status == info.Status.EXECUTED:
+                key = (info.node_name, info.node_type, info.exec_type)
+                best[key] = min(best.get(key, np.inf), info.real_time.total_seconds() * 1000.0)
+    groups: dict[str, dict[str, Any]] = {}
+    for (_, node_type, exec_type), ms in best.items():
+        group = groups.setdefault(f"{node_type} [{exec_type}]", {"ms": 0.0, "nodes": 0})
+        group["ms"] += ms
+        group["nodes"] += 1
+    total = sum(g["ms"] for g in groups.values())
+    ranked = sorted(groups.items(), key=lambda item: -item[1]["ms"])
+    return {
+        "sum_of_node_minima_ms": round(total, 3),
+        "threads": threads,
+        "groups": {
+            k: {"ms": round(g["ms"], 3), "share_pct": round(100 * g["ms"] / total, 1), "nodes": g["nodes"]}
+            for k, g in ranked
+        },
+    }
 
 
 def main() -> None:
@@ -92,6 +173,9 @@ def main() -> None:
     parser.add_argument("--min-iters", type=int, default=200)
     parser.add_argument("--min-seconds", type=float, default=10.0)
     parser.add_argument("--round-iters", type=int, default=20, help="iterations per variant per round")
+    parser.add_argument(
+        "--cpu-iters", type=int, default=100, help="iterations per variant of the 1-thread CPU-time pass (0: skip)"
+    )
     parser.add_argument("--fidelity-images", type=int, default=16, help="held-out images to compare outputs on")
     parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "openvino_int8.json")
     args = parser.parse_args()
@@ -106,23 +190,26 @@ def main() -> None:
         calibration = preprocess(train, calib_indices, spec.preprocess, f"{name} calibration")
         held_out = preprocess(test, test_indices, spec.preprocess, f"{name} held-out")
         with tempfile.TemporaryDirectory() as tmp:
-            variants = build_variants(name, calibration, args.threads, Path(tmp))
-            runners = {key: v["runner"] for key, v in variants.items()}
+            variants = build_variants(name, calibration, Path(tmp))
+            runners = {key: OpenVinoRunner(v["xml"], v["hint"], args.threads) for key, v in variants.items()}
             reference = runners["fp32 (f32 hint)"](held_out)
+            outputs = {key: agreement(runner(held_out), reference) for key, runner in runners.items()}
+            facts = {key: runner_facts(runner) for key, runner in runners.items()}
             times = time_interleaved(
                 runners, calibration[:1], args.warmup, args.min_iters, args.min_seconds, args.round_iters
             )
+            del runners  # no idle thread pools of these models during the next measurements
+            cpu_ms = cpu_time_1thread(variants, calibration[:1], args) if args.cpu_iters else {}
+            profiles = {key: op_profile(variants[key], calibration[:1], args.threads) for key in PROFILED}
         base = np.median(times["fp32 (f32 hint)"])
         rows = {}
         for key, variant in variants.items():
-            runner = variant["runner"]
             rows[key] = {
-                "precision_hint_requested": runner.precision_hint_requested or "plugin default",
-                "inference_precision": runner.inference_precision,
-                "threads": runner.threads,
+                **facts[key],
                 **summarize(times[key]),
                 "speedup_vs_fp32_f32": round(float(base / np.median(times[key])), 3),
-                "vs_fp32_f32_outputs": agreement(runner(held_out), reference),
+                **({"cpu_ms_1thread": cpu_ms[key]} if key in cpu_ms else {}),
+                "vs_fp32_f32_outputs": outputs[key],
                 **({"build": variant["build"]} if "build" in variant else {}),
             }
         fp32, ours, plain = rows["fp32 (f32 hint)"], rows["int8 (t2tedge)"], rows["int8 (nncf.quantize defaults)"]
@@ -135,6 +222,19 @@ def main() -> None:
             # p10 approximates the latency in the quieter moments of a shared host
             "p10_int8_speedup_vs_fp32_f32": round(fp32["latency_ms_p10"] / ours["latency_ms_p10"], 3),
             "p10_int8_speedup_vs_nncf_defaults": round(plain["latency_ms_p10"] / ours["latency_ms_p10"], 3),
+            **(
+                {
+                    "cpu_1thread_int8_speedup_vs_fp32_f32": round(
+                        fp32["cpu_ms_1thread"]["p50"] / ours["cpu_ms_1thread"]["p50"], 3
+                    ),
+                    "cpu_1thread_int8_speedup_vs_nncf_defaults": round(
+                        plain["cpu_ms_1thread"]["p50"] / ours["cpu_ms_1thread"]["p50"], 3
+                    ),
+                }
+                if cpu_ms
+                else {}
+            ),
+            "profile_by_exec_type": profiles,
         }
         summary = [f"{key} {row['latency_ms_p50']:.2f} ms [{row['inference_precision']}]" for key, row in rows.items()]
         print(f"{name}: " + ", ".join(summary))
@@ -155,6 +255,7 @@ def main() -> None:
             "min_iters": args.min_iters,
             "min_seconds": args.min_seconds,
             "round_iters": args.round_iters,
+            "cpu_time_pass": {"threads": 1, "iters": args.cpu_iters, "clock": "process CPU time per inference"},
             "calibration_images": len(calib_indices),
             "calibration_source": "fashion_mnist:train, model eval transform",
         },

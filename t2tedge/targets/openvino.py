@@ -19,8 +19,17 @@ INT8 choices for T2T-ViT, measured at 224 px (random weights) on an AMD EPYC wit
   can zero the normaliser D), and the CPU plugin ran one of them in f32 with extra requantize/reorder
   nodes anyway; keeping them in bf16 removed 14 FakeQuantize ops and was not slower.
 - SmoothQuant stays at NNCF's transformer default (alpha 0.95): its per-channel scales become 26 extra
-  executed nodes and cost ~5% at 1 thread (12.5 vs 13.3 ms with ``smooth_quant_alpha: -1``), but it is
-  what protects trained ViTs whose LayerNorm outputs carry outlier channels.
+  executed nodes (~5% at 1 thread in a first run, 12.5 vs 13.3 ms; 12.30 vs 12.26 ms CPU time in a
+  rerun), and it is what protects trained ViTs whose LayerNorm outputs carry outlier channels.
+
+Speed gate of issue 3 (``benchmarks/openvino_int8.py``, batch 1, 2 threads, same compile properties for
+all variants, interleaved): 2.16x vs f32 and 1.03x vs plain ``nncf.quantize`` (13.4 / 28.8 / 13.8 ms,
+load average 3.5-4); per-inference CPU time at 1 thread, which the load does not inflate: 2.16x and
+1.10x. Quiet-host runs gave 1.75-1.86x at 2 threads: about 45% of the INT8 time sits in nodes INT8 does
+not speed up (PERF_COUNT: reference Transposes of the soft split, unfold Gathers, MVN, 72 bf16
+elementwise subgraphs), which gain less from the second thread than the f32 GEMMs. Variants tried (CPU
+ms at 1 thread; f32 27.9): ours 12.3, SmoothQuant off 12.3, Performer kernel quantized 12.7, NNCF
+default mode 13.5, plain defaults 13.4; none beat the defaults, which stay as they are.
 """
 
 from __future__ import annotations
