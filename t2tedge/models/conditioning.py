@@ -24,6 +24,8 @@ def well_conditioned(model: torch.nn.Module, images: np.ndarray) -> torch.nn.Mod
     with torch.no_grad():
         model(torch.from_numpy(images))
         for module in model.modules():
-            if getattr(module, "use_res_connect", False):  # torchvision InvertedResidual
-                module.conv[-1].weight.mul_(0.3)  # the branch's last BatchNorm
+            if getattr(module, "use_res_connect", False):  # torchvision InvertedResidual (V2: conv, V3: block)
+                branch = module.conv if hasattr(module, "conv") else module.block
+                norms = [m for m in branch.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+                norms[-1].weight.mul_(0.3)  # the branch's last BatchNorm
     return model.eval()
