@@ -25,11 +25,11 @@ INT8 choices for T2T-ViT, measured at 224 px (random weights) on an AMD EPYC wit
 Speed gate of issue 3 (``benchmarks/openvino_int8.py``, batch 1, 2 threads, same compile properties for
 all variants, interleaved): 2.16x vs f32 and 1.03x vs plain ``nncf.quantize`` (13.4 / 28.8 / 13.8 ms,
 load average 3.5-4); per-inference CPU time at 1 thread, which the load does not inflate: 2.16x and
-1.10x. Quiet-host runs gave 1.75-1.86x at 2 threads: about 45% of the INT8 time sits in nodes INT8 does
-not speed up (PERF_COUNT: reference Transposes of the soft split, unfold Gathers, MVN, 72 bf16
-elementwise subgraphs), which gain less from the second thread than the f32 GEMMs. Variants tried (CPU
-ms at 1 thread; f32 27.9): ours 12.3, SmoothQuant off 12.3, Performer kernel quantized 12.7, NNCF
-default mode 13.5, plain defaults 13.4; none beat the defaults, which stay as they are.
+1.10x. Quieter runs gave 1.75-1.88x at 2 threads (not robustly 2.0x): about 45% of the INT8 time sits in
+nodes INT8 does not speed up (PERF_COUNT: reference Transposes of the soft split, unfold Gathers, MVN,
+72 bf16 elementwise subgraphs), which gain less from the second thread than the f32 GEMMs. Variants
+tried (CPU ms at 1 thread; f32 27.9): ours 12.3, SmoothQuant off 12.3, Performer kernel quantized 12.7,
+NNCF default mode 13.5, plain defaults 13.4; none beat the defaults, which stay as they are.
 """
 
 from __future__ import annotations
