@@ -8,10 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
+from test_pipeline import _tiny_checkpoint  # tests/ is on sys.path (pytest rootdir import mode)
 
-from t2tedge.models import get_spec, save_checkpoint
-from t2tedge.models.spec import Preprocess
 from t2tedge.pipeline.build import Builder
 from t2tedge.pipeline.recipe import load_recipe
 from t2tedge.report import write_report
@@ -21,15 +19,6 @@ SIZE = 32
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def _checkpoint(tmp: Path, name: str) -> Path:
-    torch.manual_seed(0)
-    model = get_spec(name).create(num_classes=10, image_size=SIZE)
-    path = tmp / f"{name}.pt"
-    pre = Preprocess(input_size=SIZE, resize_size=SIZE, interpolation="bilinear")
-    save_checkpoint(path, model, {"model": name, "classes": [str(i) for i in range(10)], "preprocess": pre.to_dict()})
-    return path
-
-
 @pytest.fixture(scope="module")
 def build(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list]:
     tmp = tmp_path_factory.mktemp("report")
@@ -37,8 +26,8 @@ def build(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list]:
         "name": "tiny",
         "output_dir": str(tmp / "artifacts"),
         "models": [
-            {"name": "t2t_vit_7", "weights": str(_checkpoint(tmp, "t2t_vit_7"))},
-            {"name": "mobilenet_v3_small", "weights": str(_checkpoint(tmp, "mobilenet_v3_small"))},
+            {"name": "t2t_vit_7", "weights": str(_tiny_checkpoint(tmp, "t2t_vit_7", SIZE))},
+            {"name": "mobilenet_v3_small", "weights": str(_tiny_checkpoint(tmp, "mobilenet_v3_small", SIZE))},
         ],
         "targets": ["onnxruntime", "tensorrt"],
         "precisions": ["fp32", "fp16", "int8"],

@@ -50,6 +50,12 @@ def _settings(cfg: BenchmarkConfig) -> dict[str, Any]:
     return {k: getattr(cfg, k) for k in ("warmup", "min_iters", "min_seconds", "round_iters")}
 
 
+def _stored(manifest: dict[str, Any], key: str, settings: dict[str, Any]) -> dict[str, Any] | None:
+    """A measured record of this point taken with the same settings, which a rerun reuses."""
+    old = manifest.get("latency", {}).get(key)
+    return old if old and old.get("settings") == settings and old.get("label") == MEASURED else None
+
+
 @functools.cache
 def model_macs(model: str, image_size: int, num_classes: int) -> int:
     """Counted MACs of one forward pass at batch 1 (random init: MACs do not depend on weights)."""
@@ -105,9 +111,9 @@ def bench_artifacts(
             for artifact in artifacts:
                 manifest = artifact.manifest
                 key = latency_key(LOCAL, batch, threads)
-                old = manifest.get("latency", {}).get(key)
-                if old and not force and old.get("settings") == settings and old.get("label") == MEASURED:
-                    records.append(_record(manifest, artifact, old, reused=True))
+                stored = None if force else _stored(manifest, key, settings)
+                if stored is not None:
+                    records.append(_record(manifest, artifact, stored, reused=True))
                     continue
                 record, runner = _prepare(artifact, manifest, batch, threads, settings)
                 if runner is None:
@@ -152,9 +158,9 @@ def _bench_remote(
     for threads, batch, artifact in track(points, f"benchmarking on {device}", total=len(points)):
         manifest = artifact.manifest
         key = latency_key(device, batch, threads)
-        old = manifest.get("latency", {}).get(key)
-        if old and not force and old.get("settings") == settings and old.get("label") == MEASURED:
-            records.append(_record(manifest, artifact, old, reused=True))
+        stored = None if force else _stored(manifest, key, settings)
+        if stored is not None:
+            records.append(_record(manifest, artifact, stored, reused=True))
             continue
         result = remote_latency(
             device, artifact.path, batch, threads, cfg.warmup, cfg.min_iters, cfg.min_seconds, timeout_s
