@@ -29,7 +29,7 @@ import numpy as np
 
 from t2tedge.devices.config import Device, get_device
 from t2tedge.devices.ssh import DeviceDiskFullError, DeviceError, Ssh, quote_path
-from t2tedge.errors import ArtifactError, DatasetError
+from t2tedge.errors import ArtifactError
 from t2tedge.evaluation.accuracy import MEASURED, UNAVAILABLE, accuracy_report
 from t2tedge.pipeline.store import Artifact, read_manifest, sha256_file
 
@@ -246,31 +246,15 @@ def validate_artifact_remote(
     device as one tensor file, and the logits come back; the result is stored in the manifest under
     ``<tensor key>@<device>`` beside the local validations.
     """
-    from t2tedge.calibration import select_indices
-    from t2tedge.data.cache import cached_preprocess
-    from t2tedge.data.datasets import open_dataset
-    from t2tedge.models.spec import Preprocess
+    from t2tedge.pipeline.validate import labelled_images
 
-    manifest = read_manifest(path)
-    io_facts = manifest.get("model_io")
-    if io_facts is None:
-        raise ArtifactError(f"{path} is not a compiled artifact (an export? validate the target artifacts)")
     get_device(device_name)  # an unknown device fails before any image is read
-    dataset = open_dataset(data)
-    if (dataset.labels < 0).all():
-        raise DatasetError(f"{data} has no labels; validation needs class subfolders or a labelled CSV")
-    if len(dataset.classes) > io_facts["num_classes"]:
-        classes = io_facts["num_classes"]
-        raise DatasetError(f"{data} has {len(dataset.classes)} classes but the model predicts {classes}")
-    indices = select_indices(dataset.labels, limit, seed=0) if limit else np.arange(len(dataset), dtype=np.int64)
-    cache = Path(path).parent.parent.parent / ".cache" / "tensors"
-    pre = Preprocess.from_dict(io_facts["preprocess"])
-    images, key, _ = cached_preprocess(dataset, indices, pre, cache, "validation images")
+    images, labels, key = labelled_images(path, data, limit)
     logits, info = remote_logits(device_name, Path(path), images, threads, timeout_s)
     if logits is None:
         result: dict[str, Any] = {"label": UNAVAILABLE, "reason": info["reason"]}
     else:
-        result = accuracy_report(logits, dataset.labels[indices], MEASURED)
+        result = accuracy_report(logits, labels, MEASURED)
     result.update({"dataset": data, "device": device_name, "host": info["host"], "runtime": info["runtime"]})
     Artifact(Path(path)).update_manifest(validation={f"{key[:16]}@{device_name}": result})
     return result

@@ -35,15 +35,15 @@ def run_validation(
     return accuracy_report(run_batched(runner, images), labels, label, reference, note=note)
 
 
-def validate_artifact(
-    path: str | Path, data: str, limit: int | None = None, threads: int | None = None
-) -> dict[str, Any]:
-    """Top-1/top-5 of a built artifact on ``data``; the result is also stored in its manifest."""
+def labelled_images(path: str | Path, data: str, limit: int | None = None) -> tuple[np.ndarray, np.ndarray, str]:
+    """The artifact's model transform applied to a labelled dataset: (images, labels, tensor cache key).
+
+    Refuses exports (not compiled artifacts), unlabelled data and datasets with more classes than the model.
+    """
     manifest = read_manifest(path)
     io = manifest.get("model_io")
     if io is None:
         raise ArtifactError(f"{path} is not a compiled artifact (an export? validate the target artifacts)")
-    artifact = Artifact(Path(path))
     dataset = open_dataset(data)
     if (dataset.labels < 0).all():
         raise DatasetError(f"{data} has no labels; validation needs class subfolders or a labelled CSV")
@@ -54,7 +54,16 @@ def validate_artifact(
     images, key, _ = cached_preprocess(
         dataset, indices, Preprocess.from_dict(io["preprocess"]), cache, "validation images"
     )
-    result = run_validation(get_target(manifest["target"]), artifact, images, dataset.labels[indices], None, threads)
+    return images, dataset.labels[indices], key
+
+
+def validate_artifact(
+    path: str | Path, data: str, limit: int | None = None, threads: int | None = None
+) -> dict[str, Any]:
+    """Top-1/top-5 of a built artifact on ``data``; the result is also stored in its manifest."""
+    images, labels, key = labelled_images(path, data, limit)
+    artifact = Artifact(Path(path))
+    result = run_validation(get_target(artifact.manifest["target"]), artifact, images, labels, None, threads)
     result["dataset"] = data
     artifact.update_manifest(validation={key[:16]: result})
     return result
