@@ -29,18 +29,12 @@ import numpy as np
 
 from t2tedge.devices.config import Device, get_device
 from t2tedge.devices.ssh import DeviceDiskFullError, DeviceError, Ssh, quote_path
-from t2tedge.errors import ArtifactError
 from t2tedge.evaluation.accuracy import MEASURED, UNAVAILABLE, accuracy_report
 from t2tedge.pipeline.store import Artifact, read_manifest, sha256_file
+from t2tedge.targets import get_target, list_targets, payload_files
 
 RUNNER_SOURCE = Path(__file__).with_name("remote_runner.py").read_bytes()
 # What each target's runner reads from the artifact directory (a directory is sent with all its files).
-TARGET_FILES = {
-    "onnxruntime": ("model.onnx",),
-    "openvino": ("model.xml", "model.bin", "compile.json"),
-    "tensorrt": ("model.onnx", "build_engine.py"),
-    "coreml": ("model.mlpackage",),
-}
 INFO_TIMEOUT_S = 60.0
 CHECK_TIMEOUT_S = 120.0
 # Headroom kept free on the device beyond the bytes being uploaded.
@@ -49,17 +43,7 @@ DISK_MARGIN_BYTES = 16 << 20
 
 def artifact_files(path: Path, target: str) -> dict[str, Path]:
     """The files of an artifact its target needs on the device, by path relative to the artifact."""
-    if target not in TARGET_FILES:
-        raise ArtifactError(f"{path}: target {target!r} cannot run on a remote device")
-    files: dict[str, Path] = {}
-    for name in TARGET_FILES[target]:
-        entry = path / name
-        if entry.is_dir():
-            files.update({p.relative_to(path).as_posix(): p for p in sorted(entry.rglob("*")) if p.is_file()})
-        elif entry.is_file():
-            files[name] = entry
-        else:
-            raise ArtifactError(f"{path} has no {name}; rebuild the artifact")
+    files = payload_files(get_target(target), Artifact(path))
     # ONNX external data (large models) travels with the graph.
     files.update({p.name: p for p in sorted(path.glob("model.onnx.*")) if p.is_file() and "model.onnx" in files})
     return files
@@ -102,7 +86,7 @@ class RemoteDevice:
 
     def info(self, targets: list[str] | None = None, timeout_s: float = INFO_TIMEOUT_S) -> dict[str, Any]:
         """Host facts and which target runtimes import there, with versions."""
-        return self._python("info", {"targets": targets or list(TARGET_FILES)}, timeout_s)["host"]
+        return self._python("info", {"targets": targets or [t.name for t in list_targets()]}, timeout_s)["host"]
 
     def sync(self, files: dict[str, Path], timeout_s: float) -> tuple[dict[str, str], str | None, dict[str, int]]:
         """Make ``files`` (remote path relative to the work directory -> local file) present on the device.

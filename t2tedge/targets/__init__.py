@@ -10,6 +10,7 @@ from t2tedge.targets.base import (
     get_target,
     list_targets,
     payload_bytes,
+    payload_files,
 )
 
 __all__ = [
@@ -21,4 +22,5 @@ __all__ = [
     "get_target",
     "list_targets",
     "payload_bytes",
+    "payload_files",
 ]

@@ -8,7 +8,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from t2tedge.errors import T2tedgeError
+from t2tedge.errors import ArtifactError, T2tedgeError
 from t2tedge.pipeline.store import Artifact
 
 
@@ -56,7 +56,7 @@ class Target(Protocol):
 
     name: str
     precisions: tuple[str, ...]
-    # Glob patterns of the files a device needs (the deployable artifact, without build-side extras).
+    # Glob patterns of the files a device needs to run the artifact (without build-side extras).
     payload: tuple[str, ...]
 
     def availability(self) -> Availability: ...
@@ -93,14 +93,22 @@ def list_targets() -> list[Target]:
     return list(_TARGETS.values())
 
 
-def payload_bytes(target: Target, artifact: Artifact) -> int:
-    """Size on disk of what ships to the device (directories such as .mlpackage counted whole)."""
-    total = 0
+def payload_files(target: Target, artifact: Artifact) -> dict[str, Path]:
+    """What ships to the device, by path relative to the artifact (directories such as .mlpackage expanded)."""
+    files: dict[str, Path] = {}
     for pattern in target.payload:
-        for path in artifact.path.glob(pattern):
-            files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
-            total += sum(p.stat().st_size for p in files)
-    return total
+        matches = sorted(artifact.path.glob(pattern))
+        if not matches:
+            raise ArtifactError(f"{artifact.path} has no {pattern}; rebuild the artifact")
+        for path in matches:
+            inside = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+            files.update({p.relative_to(artifact.path).as_posix(): p for p in inside})
+    return files
+
+
+def payload_bytes(target: Target, artifact: Artifact) -> int:
+    """Size on disk of what ships to the device."""
+    return sum(p.stat().st_size for p in payload_files(target, artifact).values())
 
 
 def check_precision(target: Target, precision: str) -> None:

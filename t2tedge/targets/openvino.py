@@ -124,7 +124,7 @@ class OpenVinoTarget:
 
     name = "openvino"
     precisions = ("fp32", "fp16", "int8")
-    payload = ("model.xml", "model.bin")
+    payload = ("model.xml", "model.bin", COMPILE_FILE)
 
     def availability(self) -> Availability:
         try:

@@ -137,7 +137,7 @@ class TensorRTTarget:
 
     name = "tensorrt"
     precisions = ("fp16", "int8")
-    payload = ("model.onnx",)
+    payload = ("model.onnx", BUILD_SCRIPT, TRTEXEC_SCRIPT)
 
     def availability(self) -> Availability:
         ok, reason = tensorrt_status()
