@@ -12,7 +12,6 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,31 +28,28 @@ from t2tedge.targets import get_target
 LOCAL = "local"
 
 
-@dataclass
-class BenchPoint:
-    """One artifact at one batch size and thread count."""
-
-    artifact: Artifact
-    batch: int
-    threads: int | None
-
-    @property
-    def key(self) -> str:
-        return f"b{self.batch}-t{self.threads or 'all'}"
+def point_key(batch: int, threads: int | None) -> str:
+    """One measurement point: batch size and requested threads, e.g. ``b1-tall``."""
+    return f"b{batch}-t{threads or 'all'}"
 
 
 def latency_key(host: str, batch: int, threads: int | None) -> str:
-    return f"{host}/b{batch}-t{threads or 'all'}"
+    """Where a point measured on ``host`` lives in a manifest's ``latency`` section."""
+    return f"{host}/{point_key(batch, threads)}"
 
 
 def _settings(cfg: BenchmarkConfig) -> dict[str, Any]:
     return {k: getattr(cfg, k) for k in ("warmup", "min_iters", "min_seconds", "round_iters")}
 
 
-def _stored(manifest: dict[str, Any], key: str, settings: dict[str, Any]) -> dict[str, Any] | None:
-    """A measured record of this point taken with the same settings, which a rerun reuses."""
+def _reused(artifact: Artifact, key: str, settings: dict[str, Any], force: bool, records: list[dict[str, Any]]) -> bool:
+    """Append the stored record of this point when it was measured with the same settings (unless forced)."""
+    manifest = artifact.manifest
     old = manifest.get("latency", {}).get(key)
-    return old if old and old.get("settings") == settings and old.get("label") == MEASURED else None
+    if force or not old or old.get("settings") != settings or old.get("label") != MEASURED:
+        return False
+    records.append(_record(manifest, artifact, key, old, reused=True))
+    return True
 
 
 @functools.cache
@@ -105,20 +101,18 @@ def bench_artifacts(
     peaks: dict[int | None, dict[str, Any]] = {}
     for threads in cfg.threads:
         for batch in cfg.batch_sizes:
+            key = latency_key(LOCAL, batch, threads)
             runners: dict[str, Any] = {}
             inputs: dict[str, np.ndarray] = {}
             pending: dict[str, tuple[Artifact, dict[str, Any]]] = {}
             for artifact in artifacts:
-                manifest = artifact.manifest
-                key = latency_key(LOCAL, batch, threads)
-                stored = None if force else _stored(manifest, key, settings)
-                if stored is not None:
-                    records.append(_record(manifest, artifact, stored, reused=True))
+                if _reused(artifact, key, settings, force, records):
                     continue
+                manifest = artifact.manifest
                 record, runner = _prepare(artifact, manifest, batch, threads, settings)
                 if runner is None:
                     artifact.update_manifest(latency={key: record})
-                    records.append(_record(manifest, artifact, record, reused=False))
+                    records.append(_record(manifest, artifact, key, record, reused=False))
                     continue
                 name = str(artifact.path)
                 runners[name] = runner
@@ -137,8 +131,8 @@ def bench_artifacts(
                 manifest = artifact.manifest
                 record.update(summarize(times[name], batch))
                 _efficiency(record, manifest, peaks.get(threads))
-                artifact.update_manifest(latency={latency_key(LOCAL, batch, threads): record})
-                records.append(_record(manifest, artifact, record, reused=False))
+                artifact.update_manifest(latency={key: record})
+                records.append(_record(manifest, artifact, key, record, reused=False))
     return records
 
 
@@ -156,12 +150,10 @@ def _bench_remote(
     records = []
     points = [(t, b, a) for t in cfg.threads for b in cfg.batch_sizes for a in artifacts]
     for threads, batch, artifact in track(points, f"benchmarking on {device}", total=len(points)):
-        manifest = artifact.manifest
         key = latency_key(device, batch, threads)
-        stored = None if force else _stored(manifest, key, settings)
-        if stored is not None:
-            records.append(_record(manifest, artifact, stored, reused=True))
+        if _reused(artifact, key, settings, force, records):
             continue
+        manifest = artifact.manifest
         result = remote_latency(
             device, artifact.path, batch, threads, cfg.warmup, cfg.min_iters, cfg.min_seconds, timeout_s
         )
@@ -181,7 +173,7 @@ def _bench_remote(
         else:
             record["reason"] = result.get("reason", "")
         artifact.update_manifest(latency={key: record})
-        records.append(_record(manifest, artifact, record, reused=False))
+        records.append(_record(manifest, artifact, key, record, reused=False))
     return records
 
 
@@ -243,8 +235,11 @@ def _efficiency(record: dict[str, Any], manifest: dict[str, Any], peaks: dict[st
         record["efficiency_pct"] = round(100.0 * achieved / peaks["gmacs"][key], 2)
 
 
-def _record(manifest: dict[str, Any], artifact: Artifact, latency: dict[str, Any], reused: bool) -> dict[str, Any]:
+def _record(
+    manifest: dict[str, Any], artifact: Artifact, key: str, latency: dict[str, Any], reused: bool
+) -> dict[str, Any]:
     return {
+        "key": key,
         "model": manifest["model"],
         "target": manifest["target"],
         "precision": manifest["precision"],

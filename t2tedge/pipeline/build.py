@@ -133,8 +133,7 @@ class Builder:
         records = bench_artifacts([Path(row.artifact) for row in rows if row.artifact], self.recipe.benchmark)
         by_artifact: dict[str, dict[str, Any]] = {}
         for record in records:
-            key = f"{record['host']}/b{record['batch']}-t{record['threads_requested']}"
-            by_artifact.setdefault(record["artifact"], {})[key] = record
+            by_artifact.setdefault(record["artifact"], {})[record["key"]] = record
         for row in rows:
             row.latency = by_artifact.get(row.artifact or "", {})
 

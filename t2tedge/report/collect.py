@@ -9,7 +9,7 @@ from typing import Any
 
 from t2tedge.errors import ArtifactError
 from t2tedge.evaluation.accuracy import MEASURED, UNAVAILABLE
-from t2tedge.pipeline.bench import LOCAL
+from t2tedge.pipeline.bench import LOCAL, point_key
 from t2tedge.pipeline.store import Artifact
 from t2tedge.targets import get_target, payload_bytes
 
@@ -117,12 +117,12 @@ def _row(artifact: Artifact, item: dict[str, Any], point: dict[str, Any], models
     for record in validation.values():
         if record.get("dataset") == accuracy.get("dataset") and record.get("images") == accuracy.get("images"):
             accuracy = record if _rank(record) >= _rank(accuracy) else accuracy
-    suffix = f"/b{point['batch']}-t{point['threads'] or 'all'}"
+    primary = point_key(point["batch"], point["threads"])
     latency, sweep = {}, []
     for key, record in manifest.get("latency", {}).items():
-        host = key.split("/", 1)[0]
+        host, at = key.split("/", 1)
         sweep.append({"host": host, **record})
-        if key.endswith(suffix):
+        if at == primary:
             latency[host] = record
     family = models.get(manifest["model"], {}).get("family") or manifest.get("model_io", {}).get("family", "")
     return Row(
