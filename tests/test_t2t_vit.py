@@ -157,6 +157,43 @@ def test_t2t_module_folds_tokens_back_row_major() -> None:
         assert torch.allclose(t2t(x), ref, atol=1e-6)
 
 
+@pytest.mark.parametrize("name", ["t2t_vit_7", "t2t_vit_t_14"])
+@pytest.mark.parametrize("size", [32, 48])
+def test_export_form_computes_the_same_function(name: str, size: int) -> None:
+    model = tiny(name, size=size)
+    with torch.no_grad():  # LayerNorm weight 1 / bias 0 would hide a wrong feature order
+        for param in model.parameters():
+            param.add_(torch.randn_like(param) * 0.05)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    exported = model.export_form()
+    x = torch.randn(2, 3, size, size, dtype=torch.float64)
+    with torch.no_grad():
+        assert torch.allclose(exported.double()(x), model.double()(x), atol=1e-10)
+    assert exported.state_dict().keys() == before.keys()  # index buffers are not persistent
+    assert all(torch.equal(model.state_dict()[k].float(), v) for k, v in before.items())  # a copy: model untouched
+    # the patch-reading weights are reordered, not left as they were
+    key = "tokens_to_token.project.weight"
+    assert not torch.equal(exported.state_dict()[key].float(), before[key])
+
+
+def test_export_form_graph_has_no_soft_split_transposes(tmp_path) -> None:
+    import onnx
+
+    from t2tedge.pipeline.export import export_onnx
+
+    export_onnx(tiny("t2t_vit_7"), 32, tmp_path / "m.onnx")
+
+    def outside_token_layers(node: onnx.NodeProto) -> bool:
+        namespace = next((p.value for p in node.metadata_props if p.key == "namespace"), "")
+        return "T2TModule" in namespace and "attention" not in namespace
+
+    t2t_nodes = [n.op_type for n in onnx.load(tmp_path / "m.onnx").graph.node if outside_token_layers(n)]
+    # nn.Unfold's form has 3 transposes inside the unfolds and 5 around them; the image's
+    # (B, C, H*W) -> (B, H*W, C) is the one left
+    assert t2t_nodes.count("Transpose") == 1
+    assert t2t_nodes.count("Gather") == 3
+
+
 def test_official_format_checkpoint_reloads_strictly(tmp_path) -> None:
     from t2tedge.models.checkpoint import load_state_dict_file
 

@@ -19,7 +19,7 @@ from t2tedge.data.datasets import ImageDataset, open_dataset
 from t2tedge.errors import CheckpointError, T2tedgeError, TargetUnavailableError
 from t2tedge.evaluation.host import host_info
 from t2tedge.models import LoadedModel, demo_checkpoint, get_spec, load_model, pretrained_checkpoint
-from t2tedge.pipeline.export import ONNX_FILE, export_onnx, parity, torch_logits
+from t2tedge.pipeline.export import GRAPH_REVISION, ONNX_FILE, export_onnx, parity, torch_logits
 from t2tedge.pipeline.recipe import ModelEntry, Recipe
 from t2tedge.pipeline.store import Artifact, ArtifactStore, sha256_file, write_json
 from t2tedge.pipeline.validate import run_validation
@@ -195,6 +195,7 @@ class Builder:
             "opset": cfg.opset,
             "dynamic_batch": cfg.dynamic_batch,
             "torch": torch.__version__,
+            "graph_revision": GRAPH_REVISION,
         }
         if ctx.checkpoint_sha256 is None:
             # Random weights differ per process: never reuse them from the cache.
