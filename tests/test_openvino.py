@@ -115,11 +115,24 @@ def test_int8_ir_is_quantized_and_follows_fp32(name: str, build: Any, images: np
     assert cosine.mean() > (0.99 if name.startswith("t2t") else 0.95), cosine
 
 
-def test_t2t_performer_kernel_stays_out_of_int8(build: Any) -> None:
-    _, facts = build("t2t_vit_7", "int8")
+def test_t2t_int8_quantizes_exactly_the_linear_layers(build: Any) -> None:
+    artifact, facts = build("t2t_vit_7", "int8")
     ignored = facts["quantization"]["ignored_automatically"]["names"]
-    # two token layers x (two random-feature projections + three activation x activation MatMuls)
-    assert len(ignored) == 10
+    # two token layers x (two random-feature projections + three activation x activation MatMuls), and
+    # each of the 7 blocks' attention (OpenVINO fuses q.k^T, softmax and attn.v into one op named after q.k^T)
+    assert len(ignored) == 10 + 7
+    assert facts["quantization"]["smooth_quant_alpha"] == "off"
+    assert "nncf_smooth_quant" not in artifact.file(MODEL_XML).read_text()
+    # one FakeQuantize per Linear input (weights are stored quantized): nothing else runs int8
+    linears = sum(isinstance(m, torch.nn.Linear) for m in get_spec("t2t_vit_7").create(num_classes=10).modules())
+    assert facts["fake_quantize_ops"] == linears == 38
+
+
+def test_smooth_quant_alpha_turns_smooth_quant_on(build: Any) -> None:
+    artifact, facts = build("t2t_vit_7", "int8", openvino={"smooth_quant_alpha": 0.95})
+    assert facts["quantization"]["smooth_quant_alpha"] == 0.95
+    assert "nncf_smooth_quant" in artifact.file(MODEL_XML).read_text()
+    assert facts["fake_quantize_ops"] == 38  # SmoothQuant adds scales, not quantizers
 
 
 def test_accuracy_control_writes_sensitivity(build: Any, images: np.ndarray) -> None:

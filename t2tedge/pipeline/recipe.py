@@ -58,7 +58,9 @@ class OpenVinoConfig(_Strict):
         "auto", description="NNCF model type; auto = transformer for T2T-ViT, default for CNNs"
     )
     preset: Literal["performance", "mixed"] = "performance"
-    smooth_quant_alpha: float | None = Field(None, description="SmoothQuant alpha (-1 disables; None: NNCF default)")
+    smooth_quant_alpha: float | None = Field(
+        None, description="SmoothQuant alpha on MatMuls (transformer mode); None or -1: off, NNCF's own default is 0.95"
+    )
     fast_bias_correction: bool = True
     ignored_scope: IgnoredScope = IgnoredScope()
     inference_precision: Literal["f32", "bf16", "f16"] | None = Field(

@@ -6,30 +6,32 @@ default is bf16, which would silently turn an "fp32" number into a bf16 one); FP
 the configured hint or the plugin default. What the plugin actually chose is recorded at build time
 and exposed on the runner, because the default differs between hosts.
 
-INT8 choices for T2T-ViT, measured at 224 px (random weights) on an AMD EPYC with AVX-512 VNNI + BF16:
+INT8 choices for T2T-ViT. Measured at 224 px, batch 1, on 2-core KVM guests: an AMD EPYC (AVX-512 VNNI
++ BF16) and an Intel Xeon with AMX (int8 and bf16 matrix units), ``benchmarks/openvino_int8.py``:
 - ``ModelType.TRANSFORMER``: NNCF quantizes only MatMul inputs; softmax, LayerNorm, GELU and residual
-  adds stay in floating point (bf16 here). That is 52 FakeQuantize ops on t2t_vit_7 instead of 123 in
-  NNCF's default mode (98 vs 180 on t2t_vit_t_14) and 6-8x less output deviation from FP32 (1 - cosine
-  1e-4 vs 8e-4; 2e-4 vs 1.5e-3), at the same latency: 1-thread CPU time 13.3 vs 13.6 ms (t2t_vit_7) and
-  47.7 vs 48.4 ms (t2t_vit_t_14, whose 3136x3136 token attention runs int8 in both modes); on 2 shared
-  cores the two modes trade places within the +-10% noise.
-- The Performer kernel of the ``t2t_vit_*`` token layers stays out of INT8 (``_performer_kernel_ops``):
-  the random-feature projections and the three activation x activation MatMuls around exp(.) are <3%
-  of the MACs, their operands span orders of magnitude (per-tensor int8 zeroes the small features and
-  can zero the normaliser D), and the CPU plugin ran one of them in f32 with extra requantize/reorder
-  nodes anyway; keeping them in bf16 removed 14 FakeQuantize ops and was not slower.
-- SmoothQuant stays at NNCF's transformer default (alpha 0.95): its per-channel scales become 26 extra
-  executed nodes (~5% at 1 thread in a first run, 12.5 vs 13.3 ms; 12.30 vs 12.26 ms CPU time in a
-  rerun), and it is what protects trained ViTs whose LayerNorm outputs carry outlier channels.
+  adds stay in floating point (bf16 on these CPUs). NNCF's default mode quantizes those too (123
+  FakeQuantize ops on t2t_vit_7 instead of 38) and on a trained model's activations it is far off FP32
+  (top-1 agreement 71 % vs 96 %, demo weights at 224 px) at about the same speed.
+- Attention products stay out of INT8 (``_float_attention_ops``): the Performer kernel of the
+  ``t2t_vit_*`` token layers (its operands span orders of magnitude: per-tensor int8 zeroes the small
+  features and can zero the normaliser D) and the backbone blocks' q.k^T / attn.v (197 tokens: ~2 % of
+  the MACs, where the quantize/requantize steps cost more than int8 saves). What is left int8 is exactly
+  the Linear layers: one FakeQuantize per Linear input. The token transformer's 3136-token attention
+  (``t2t_vit_t_*``, ~20 % of the MACs) stays int8.
+- SmoothQuant is off by default (NNCF's transformer default is alpha 0.95): its per-channel scales
+  are extra executed nodes (27 on t2t_vit_7 with random weights); on the AMX host, with them and the
+  attention in int8, our build was only level with plain ``nncf.quantize``, and turning SmoothQuant
+  off cut 1-thread CPU time by 7-12 % in two runs. On the demo
+  T2T-ViT-7 it changed nothing that matters (48 px, 3,000 test images: top-1 86.70 % off, 86.73 % on,
+  FP32 86.70 %). ``smooth_quant_alpha`` turns it back on for checkpoints whose LayerNorm outputs carry
+  outlier channels.
 
-Speed gate of issue 3 (``benchmarks/openvino_int8.py``, batch 1, 2 threads, same compile properties for
-all variants, interleaved): 2.16x vs f32 and 1.03x vs plain ``nncf.quantize`` (13.4 / 28.8 / 13.8 ms,
-load average 3.5-4); per-inference CPU time at 1 thread, which the load does not inflate: 2.16x and
-1.10x. Quieter runs gave 1.75-1.88x at 2 threads (not robustly 2.0x): about 45% of the INT8 time sits in
-nodes INT8 does not speed up (PERF_COUNT: reference Transposes of the soft split, unfold Gathers, MVN,
-72 bf16 elementwise subgraphs), which gain less from the second thread than the f32 GEMMs. Variants
-tried (CPU ms at 1 thread; f32 27.9): ours 12.3, SmoothQuant off 12.3, Performer kernel quantized 12.7,
-NNCF default mode 13.5, plain defaults 13.4; none beat the defaults, which stay as they are.
+Speed gate of issue 3 (same compile properties for all variants, interleaved, demo weights; AMX host,
+three runs): T2T-ViT-7 INT8 2.3-2.8x faster than f32 at p50 (2.6x at p10), and faster than plain
+``nncf.quantize`` by 5 % at p10 in every run (p50 0.99-1.06x: that host's noise is larger than the gap).
+Most of the f32 gain came from the export form (``T2TViT.export_form``: soft splits as row gathers), not
+from quantization settings: with the unfold form's Pad/Gather/Transpose nodes, about a fifth of the INT8
+time, the AMD host measured 1.90x.
 """
 
 from __future__ import annotations
@@ -199,7 +201,7 @@ def quantization_settings(inputs: BuildInputs, model: Any) -> tuple[dict[str, An
     model_type = cfg.get("model_type", "auto")
     transformer = model_type == "transformer" or (model_type == "auto" and inputs.family == "t2t_vit")
     scope = cfg.get("ignored_scope") or {}
-    auto_names = _performer_kernel_ops(inputs.onnx_path, model) if inputs.family == "t2t_vit" else []
+    auto_names = _float_attention_ops(inputs.onnx_path, model) if inputs.family == "t2t_vit" else []
     names = sorted(set(scope.get("names", [])) | set(auto_names))
     types, patterns = list(scope.get("types", [])), list(scope.get("patterns", []))
 
@@ -214,9 +216,10 @@ def quantization_settings(inputs: BuildInputs, model: Any) -> tuple[dict[str, An
         ranges = f"mean over images of the {100 * outlier:g}% / {100 - 100 * outlier:g}% quantiles"
     else:
         ranges = "NNCF default: mean over images of per-image min/max"
+    # t2tedge's default is SmoothQuant off (NNCF's transformer default is 0.95): see the module docstring
     alpha = cfg.get("smooth_quant_alpha")
-    if alpha is not None:
-        advanced["smooth_quant_alphas"] = AdvancedSmoothQuantParameters(matmul=float(alpha))
+    alpha = -1.0 if alpha is None or alpha < 0 else float(alpha)
+    advanced["smooth_quant_alphas"] = AdvancedSmoothQuantParameters(matmul=alpha)
 
     kwargs: dict[str, Any] = {
         "preset": nncf.QuantizationPreset(cfg.get("preset", "performance")),
@@ -235,21 +238,24 @@ def quantization_settings(inputs: BuildInputs, model: Any) -> tuple[dict[str, An
         "model_type": "transformer" if transformer else "default",
         "preset": kwargs["preset"].value,
         "fast_bias_correction": kwargs["fast_bias_correction"],
-        # NNCF's default: alpha 0.95 on MatMuls in transformer mode, SmoothQuant off otherwise.
-        "smooth_quant_alpha": alpha if alpha is not None else ("0.95 (nncf default)" if transformer else "off"),
+        # NNCF runs SmoothQuant in transformer mode only
+        "smooth_quant_alpha": alpha if alpha >= 0 and transformer else "off",
         "subset_size": kwargs["subset_size"],
         "ignored_scope": {"names": names, "types": types, "patterns": patterns},
-        "ignored_automatically": {"names": auto_names, "why": "Performer kernel of the T2T token layers"}
-        if auto_names
-        else {},
+        "ignored_automatically": {"names": auto_names, "why": FLOAT_ATTENTION_WHY} if auto_names else {},
     }
     if method not in ("minmax", "percentile"):
         record["note"] = f"NNCF offers no {method!r} calibration for OpenVINO; used its min/max default"
     return kwargs, record
 
 
-def _performer_kernel_ops(onnx_path: Path, model: Any) -> list[str]:
-    """MatMuls that belong to a TokenPerformer module itself (not to its Linear layers).
+# T2T-ViT modules whose own MatMuls (not their Linear layers) stay out of INT8; see the module docstring.
+FLOAT_ATTENTION_MODULES = ("TokenPerformer", "Attention")
+FLOAT_ATTENTION_WHY = "Performer kernel of the T2T token layers and the backbone's q.k^T / attn.v products"
+
+
+def _float_attention_ops(onnx_path: Path, model: Any) -> list[str]:
+    """MatMuls that belong to a TokenPerformer or a backbone Attention module itself.
 
     The exporter records each node's module path in the ONNX ``namespace`` metadata; OpenVINO keeps the
     ONNX node names, so the names found here are the ones NNCF sees.
@@ -263,7 +269,7 @@ def _performer_kernel_ops(onnx_path: Path, model: Any) -> list[str]:
             continue
         namespace = next((p.value for p in node.metadata_props if p.key == "namespace"), "")
         owner = namespace.split("/")[-2] if namespace.count("/") else ""
-        if owner.endswith("TokenPerformer"):
+        if owner.rpartition(".")[2] in FLOAT_ATTENTION_MODULES:
             found.append(node.name)
     return found
 
