@@ -14,17 +14,18 @@ INT8 choices for T2T-ViT. Measured at 224 px, batch 1, on 2-core KVM guests: an 
   (top-1 agreement 71 % vs 96 %, demo weights at 224 px) at about the same speed.
 - Attention products stay out of INT8 (``_float_attention_ops``): the Performer kernel of the
   ``t2t_vit_*`` token layers (its operands span orders of magnitude: per-tensor int8 zeroes the small
-  features and can zero the normaliser D) and the backbone blocks' q.k^T / attn.v (197 tokens: ~2 % of
-  the MACs, where the quantize/requantize steps cost more than int8 saves). What is left int8 is exactly
-  the Linear layers: one FakeQuantize per Linear input. The token transformer's 3136-token attention
-  (``t2t_vit_t_*``, ~20 % of the MACs) stays int8.
+  features and can zero the normaliser D) and the backbone blocks' q.k^T / attn.v (197 tokens, 12 % of
+  t2t_vit_7's MACs in small per-head products, where quantizing q, k, v and the softmax output cost
+  more than int8 saved: 1-thread CPU time -6 % with them in bf16, SmoothQuant off in both, one run).
+  What is left int8 is exactly the Linear layers: one FakeQuantize per Linear input. The token
+  transformer's 3136-token attention (``t2t_vit_t_*``, ~20 % of the MACs) stays int8.
 - SmoothQuant is off by default (NNCF's transformer default is alpha 0.95): its per-channel scales
   are extra executed nodes (27 on t2t_vit_7 with random weights); on the AMX host, with them and the
   attention in int8, our build was only level with plain ``nncf.quantize``, and turning SmoothQuant
-  off cut 1-thread CPU time by 7-12 % in two runs. On the demo
-  T2T-ViT-7 it changed nothing that matters (48 px, 3,000 test images: top-1 86.70 % off, 86.73 % on,
-  FP32 86.70 %). ``smooth_quant_alpha`` turns it back on for checkpoints whose LayerNorm outputs carry
-  outlier channels.
+  off cut 1-thread CPU time by 7-12 % in two runs. On the demo T2T-ViT-7 it changed nothing that
+  matters (48 px, 3,000 test images: top-1 86.70 % off, 86.73 % on, FP32 86.70 %).
+  ``smooth_quant_alpha`` turns it back on for checkpoints whose LayerNorm outputs carry outlier
+  channels.
 
 Speed gate of issue 3 (same compile properties for all variants, interleaved, demo weights; AMX host,
 three runs): T2T-ViT-7 INT8 2.3-2.8x faster than f32 at p50 (2.6x at p10), and faster than plain
