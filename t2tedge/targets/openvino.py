@@ -31,8 +31,9 @@ Speed gate of issue 3 (same compile properties for all variants, interleaved, de
 three runs): T2T-ViT-7 INT8 2.3-2.8x faster than f32 at p50 (2.6x at p10), and faster than plain
 ``nncf.quantize`` by 5 % at p10 in every run (p50 0.99-1.06x: that host's noise is larger than the gap).
 Most of the f32 gain came from the export form (``T2TViT.export_form``: soft splits as row gathers), not
-from quantization settings: with the unfold form's Pad/Gather/Transpose nodes, about a fifth of the INT8
-time, the AMD host measured 1.90x.
+from quantization settings: the unfold form's Pad/Gather/Transpose nodes were about a fifth of the INT8
+time (2.06x with them in a short run here). The AMD host measured 1.90x with the unfold form and the
+previous defaults; neither change has been measured there.
 """
 
 from __future__ import annotations
