@@ -337,11 +337,19 @@ def _print_report(build_dir: Path, output: Path | None = None) -> None:
 @app.command("tensorrt-lint")
 def tensorrt_lint(
     model: Annotated[Path, typer.Argument(help="ONNX file, e.g. a tensorrt artifact's model.onnx")],
+    ranges: Annotated[
+        Path | None,
+        typer.Option(
+            help='JSON of per-tensor max |value| on calibration images, {"tensors": {name: {"max_abs": x}}, '
+            '"fp32_tensors": list of names}: also check FP16 overflow'
+        ),
+    ] = None,
 ) -> None:
-    """Check an ONNX graph against TensorRT's operator support and Q/DQ rules; exit 1 on any error."""
-    from t2tedge.targets.tensorrt_lint import has_errors, lint
+    """Check an ONNX graph against TensorRT's operator support, Q/DQ and fusion rules; exit 1 on any error."""
+    from t2tedge.targets.tensorrt_lint import has_errors, lint, load_ranges
 
-    findings = lint(model)
+    tensor_ranges, fp32_tensors = load_ranges(ranges) if ranges is not None else (None, set())
+    findings = lint(model, tensor_ranges, fp32_tensors)
     table = Table(title=f"TensorRT lint: {model}")
     for column in ("severity", "node", "op", "rule", "message"):
         table.add_column(column, overflow="fold")

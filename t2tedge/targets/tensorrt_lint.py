@@ -3,21 +3,25 @@
 The rules come from TensorRT 10.1's ONNX parser (its operator matrix ships as
 ``data/tensorrt-onnx-operators.csv``) and its documented Q/DQ constraints: INT8 only through
 QuantizeLinear/DequantizeLinear with zero point 0, activations quantized per tensor, weights per tensor or
-per channel on the output-channel axis (this project requires per channel). An ``error`` finding means the
-TensorRT build would fail or silently differ from what t2tedge promised; ``warning`` and ``info`` findings
-say what to watch for when building the engine.
+per channel on the output-channel axis (this project requires per channel). Fusion rules check that every
+Q/DQ lands where TensorRT can fuse it into an INT8 layer, and optional per-tensor calibration ranges are
+checked against FP16's range. An ``error`` finding means the TensorRT build would fail or silently differ
+from what t2tedge promised; ``warning`` and ``info`` findings say what to watch for when building the engine.
 """
 
 from __future__ import annotations
 
 import csv
 import functools
+import json
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from t2tedge.errors import T2tedgeError
 
 OPERATORS_CSV = Path(__file__).resolve().parent / "data" / "tensorrt-onnx-operators.csv"
 TENSORRT_VERSION = "10.1"
@@ -27,6 +31,33 @@ Q_OP, DQ_OP = "QuantizeLinear", "DequantizeLinear"
 # Quantized element types TensorRT's Q/DQ accept (INT8, FP8 E4M3, INT4); by ONNX TensorProto code.
 QDQ_TYPES = {3: "INT8", 17: "FLOAT8E4M3FN", 22: "INT4"}
 TYPE_NAMES = {1: "FLOAT", 2: "UINT8", 3: "INT8", 6: "INT32", 7: "INT64", 10: "FLOAT16", 16: "BFLOAT16", 21: "UINT4"}
+# The layers TensorRT runs in INT8 when their inputs arrive through DequantizeLinear.
+INT8_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
+# Ops TensorRT propagates Q/DQ through (DQ forward, Q backward) without a change of scale, so a DQ in front
+# of them still reaches an INT8 layer; the pooling ops and Relu are also run in INT8 themselves. Concat keeps
+# INT8 only when every input is dequantized.
+PASS_THROUGH_OPS = frozenset(
+    {
+        "Reshape",
+        "Transpose",
+        "Flatten",
+        "Squeeze",
+        "Unsqueeze",
+        "Concat",
+        "Slice",
+        "Split",
+        "Gather",
+        "MaxPool",
+        "AveragePool",
+        "GlobalAveragePool",
+        "Relu",
+        "Pad",
+        "Identity",
+    }
+)
+# TensorRT keeps these in float whatever surrounds them: a DQ into one only adds quantization error and a reformat.
+FLOAT_ONLY_OPS = frozenset({"Softmax", "LayerNormalization"})
+FP16_MAX = 65504.0
 
 
 @dataclass(frozen=True)
@@ -60,8 +91,46 @@ def summarize(findings: list[Finding]) -> dict[str, Any]:
     return {**counts, "findings": [f.to_dict() for f in findings]}
 
 
-def lint(model_path: str | Path) -> list[Finding]:
-    """Check an ONNX file against TensorRT's operator support and Q/DQ rules; errors first."""
+def load_ranges(path: str | Path) -> tuple[dict[str, float], set[str]]:
+    """Read a ranges file: ``{"tensors": {name: {"max_abs": float, ...}}, "fp32_tensors": [names]}``.
+
+    Returns (tensor name -> observed max |value|, the tensors the engine build pins to FP32), the
+    arguments :func:`lint` takes. ``fp32_tensors`` may be left out.
+    """
+    path = Path(path)
+    expected = '{"tensors": {name: {"max_abs": float}}, "fp32_tensors": [names]}'
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise T2tedgeError(f"ranges file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise T2tedgeError(
+            f"ranges file {path} is not readable JSON ({type(exc).__name__}): expected {expected}"
+        ) from None
+    tensors = data.get("tensors") if isinstance(data, dict) else None
+    pinned = data.get("fp32_tensors", []) if isinstance(data, dict) else None
+    if not isinstance(tensors, dict) or not isinstance(pinned, list) or not all(isinstance(n, str) for n in pinned):
+        raise T2tedgeError(f"ranges file {path} is malformed: expected {expected}")
+    ranges = {}
+    for name, entry in tensors.items():
+        value = entry.get("max_abs") if isinstance(entry, dict) else None
+        # bool is an int to Python, and a true/false range is a bug in whatever wrote the file
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise T2tedgeError(f"ranges file {path}: tensor {name!r} has no numeric max_abs: expected {expected}")
+        ranges[name] = float(value)
+    return ranges, set(pinned)
+
+
+def lint(
+    model_path: str | Path,
+    tensor_ranges: dict[str, float] | None = None,
+    fp32_tensors: frozenset[str] | set[str] = frozenset(),
+) -> list[Finding]:
+    """Check an ONNX file against TensorRT's operator support, Q/DQ and fusion rules; errors first.
+
+    ``tensor_ranges`` (tensor name -> max |value| observed on calibration images) adds the FP16 range check;
+    ``fp32_tensors`` are tensors the engine build pins to FP32, which may exceed it.
+    """
     import onnx
 
     path = Path(model_path)
@@ -76,6 +145,8 @@ def lint(model_path: str | Path) -> list[Finding]:
     findings = [*_check_opset(model), *_check_io(model), *_check_order(model)]
     findings += _check_operators(model)
     findings += _QdqRules(model).check()
+    if tensor_ranges is not None or fp32_tensors:
+        findings += _check_fp16_ranges(model, tensor_ranges or {}, fp32_tensors)
     order = {ERROR: 0, WARNING: 1, INFO: 2}
     return sorted(findings, key=lambda f: order[f.severity])
 
@@ -175,6 +246,37 @@ def _check_order(model: Any) -> list[Finding]:
     return []
 
 
+def _check_fp16_ranges(model: Any, ranges: dict[str, float], fp32_tensors: frozenset[str] | set[str]) -> list[Finding]:
+    findings = []
+    known = {v.name for v in model.graph.input}
+    for node in model.graph.node:
+        known.update(node.output)
+        for name in [o for o in node.output if o in ranges or o in fp32_tensors]:
+            value = ranges.get(name)
+            # `not <=` also catches NaN, which an FP16 engine would not survive either
+            overflows = value is not None and not value <= FP16_MAX
+            seen = "" if value is None else f"max |value| {value:.6g}"
+            if name in fp32_tensors:
+                fits = "" if value is None else f" ({seen}, {'above' if overflows else 'within'} FP16's {FP16_MAX:g})"
+                message = f"{name!r} is pinned to FP32 in the engine build{fits}"
+                findings.append(Finding(INFO, node.name, node.op_type, "fp16-overflow", message))
+            elif overflows:
+                message = (
+                    f"{name!r} reaches {seen} on the calibration images, above FP16's {FP16_MAX:g}: an FP16 "
+                    "engine makes it inf; pin it to FP32 in the engine build (fp32_tensors) or rescale it"
+                )
+                findings.append(Finding(ERROR, node.name, node.op_type, "fp16-overflow", message))
+    # A ranges file recorded on another graph would otherwise pass silently, checking nothing.
+    unknown = sorted((set(ranges) | set(fp32_tensors)) - known)
+    if unknown:
+        message = (
+            f"{len(unknown)} tensors named in the ranges are not in this graph (e.g. {unknown[0]!r}): were they "
+            "recorded on another export?"
+        )
+        findings.append(Finding(WARNING, "", "", "fp16-overflow", message))
+    return findings
+
+
 def _check_operators(model: Any) -> list[Finding]:
     supported = supported_operators()
     findings = []
@@ -233,7 +335,7 @@ def _weight_axis(consumer: Any, index: int, rank: int) -> int | None:
 
 
 class _QdqRules:
-    """Q/DQ checks over one graph: types, zero points, scales, and per-tensor / per-channel placement."""
+    """Q/DQ checks over one graph: types, zero points, scales, per-tensor / per-channel placement, fusion."""
 
     def __init__(self, model: Any) -> None:
         from onnx import numpy_helper
@@ -253,14 +355,104 @@ class _QdqRules:
                 self.consumers.setdefault(name, []).append((node, index))
         self.types = {v.name: v.type.tensor_type.elem_type for v in [*graph.value_info, *graph.input, *graph.output]}
         self.types.update({name: t.data_type for name, t in self.constants.items()})
-        self.nodes = [n for n in graph.node if n.op_type in (Q_OP, DQ_OP)]
+        self.graph_nodes = list(graph.node)
+        self.nodes = [n for n in self.graph_nodes if n.op_type in (Q_OP, DQ_OP)]
 
     def check(self) -> list[Finding]:
         findings: list[Finding] = []
         for node in self.nodes:
             findings += self._type_and_zero_point(node)
             findings += self._scale(node)
+            findings += self._fusion(node)
+        for node in self.graph_nodes:
+            findings += self._weight_only(node)
         return findings
+
+    def _dequantized(self, tensor: str, seen: frozenset[str] = frozenset()) -> Any | None:
+        """The DequantizeLinear a tensor comes from, looking back through pass-through ops; None if float."""
+        node = self.producers.get(tensor)
+        if node is None or tensor in seen:
+            return None
+        if node.op_type == "Concat":
+            found = [self._dequantized(i, seen | {tensor}) for i in node.input]
+            return found[0] if found and all(found) else None
+        if node.op_type in PASS_THROUGH_OPS:
+            return self._dequantized(node.input[0], seen | {tensor})
+        return node if node.op_type == DQ_OP else None
+
+    def _readers(self, tensor: str) -> list[tuple[Any, int]]:
+        """(node, input index) of the ops that read a tensor, looking forward through pass-through ops."""
+        found, stack, seen = [], [tensor], {tensor}
+        while stack:
+            for node, index in self.consumers.get(stack.pop(), []):
+                if node.op_type not in PASS_THROUGH_OPS:
+                    found.append((node, index))
+                    continue
+                stack += [o for o in node.output if o not in seen]
+                seen.update(node.output)
+        return found
+
+    def _runs_int8(self, node: Any, index: int) -> bool:
+        if node.op_type in INT8_OPS or node.op_type == Q_OP:  # DQ -> Q is the back-to-back rule's to judge
+            return True
+        if node.op_type != "Add":
+            return False
+        # Not in INT8_OPS, yet TensorRT fuses two Add patterns in INT8: the residual of a weighted layer
+        # (Conv + Add with the DQ'd residual, as in ResNet) and an Add between DQs whose output is quantized.
+        others = [t for i, t in enumerate(node.input) if i != index]
+        residual = any((p := self.producers.get(t)) is not None and p.op_type in INT8_OPS for t in others)
+        quantized_out = any(c.op_type == Q_OP for c, _ in self.consumers.get(node.output[0], []))
+        return residual or (quantized_out and all(self._dequantized(t) for t in others))
+
+    def _fusion(self, node: Any) -> list[Finding]:
+        """Q/DQ that TensorRT cannot fuse into an INT8 layer (rule ``unfusable-qdq``)."""
+        if node.op_type == Q_OP:
+            source = self.producers.get(node.input[0])
+            if source is None or source.op_type != DQ_OP:
+                return []
+            if not any(c.op_type == DQ_OP for c, _ in self.consumers.get(node.output[0], [])):
+                return []
+            message = (
+                f"back-to-back Q/DQ: re-quantizes the output of DequantizeLinear {source.name!r} with nothing "
+                "between; TensorRT has no layer to fuse that DQ -> Q into and runs it as a separate INT8 rescale, "
+                "so drop one pair"
+            )
+            return [Finding(ERROR, node.name, node.op_type, "unfusable-qdq", message)]
+        readers = self._readers(node.output[0])
+        float_only = [n for n, _ in readers if n.op_type in FLOAT_ONLY_OPS]
+        if float_only:
+            first = float_only[0]
+            message = (
+                f"float-only consumer: feeds {first.op_type} {first.name!r}, which TensorRT keeps in float; "
+                "the Q/DQ only adds a quantization error and a reformat (exclude it from quantization)"
+            )
+            return [Finding(ERROR, node.name, node.op_type, "unfusable-qdq", message)]
+        if not readers or any(self._runs_int8(n, i) for n, i in readers):
+            return []
+        ops = ", ".join(sorted({n.op_type for n, _ in readers}))
+        message = (
+            f"no INT8 consumer: read only by {ops}, which TensorRT does not run in INT8; the Q/DQ only adds a "
+            "quantization error and a reformat"
+        )
+        return [Finding(ERROR, node.name, node.op_type, "unfusable-qdq", message)]
+
+    def _weight_only(self, node: Any) -> list[Finding]:
+        """A weighted layer with a dequantized weight but a float activation (rule ``weight-only-quantized``)."""
+        if node.op_type not in INT8_OPS or len(node.input) < 2:
+            return []
+        sources = [self._dequantized(t) for t in node.input[:2]]
+        if node.op_type in ("Conv", "ConvTranspose"):
+            weight = 1 if sources[1] is not None else None
+        else:  # MatMul/Gemm: the weight is the constant side; two activations are attention, not weights
+            weight = next((i for i in (1, 0) if sources[i] is not None and self._is_weight(sources[i])), None)
+        if weight is None or sources[1 - weight] is not None:
+            return []
+        message = (
+            f"weight {node.input[weight]!r} is dequantized ({sources[weight].name!r}) but activation "
+            f"{node.input[1 - weight]!r} has no Q->DQ: TensorRT runs the layer in float on dequantized weights, "
+            "not INT8, so the artifact is not the INT8 layer it claims; quantize the activation or neither"
+        )
+        return [Finding(ERROR, node.name, node.op_type, "weight-only-quantized", message)]
 
     def _array(self, name: str) -> np.ndarray | None:
         tensor = self.constants.get(name)
