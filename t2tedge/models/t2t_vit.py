@@ -28,6 +28,7 @@ __all__ = ["T2TViT", "checkpoint_filter_fn", "sinusoid_table"]
 _RELEASES = "https://github.com/yitu-opensource/T2T-ViT/releases/download/main/"
 # The official performer token layers always train with dropout 0.1, whatever drop_rate says.
 _PERFORMER_DROPOUT = 0.1
+_LOG_1E_8 = math.log(1e-8)  # the official normalizer epsilon, as an exponent
 
 
 def sinusoid_table(n_position: int, dim: int) -> torch.Tensor:
@@ -158,6 +159,21 @@ class TokenPerformer(nn.Module):
 
     phi(u) = exp(u w^T - |u|^2 / 2) / sqrt(m) approximates the softmax kernel; ``w`` (m x out_dim,
     m = out_dim * kernel_ratio) is drawn once, frozen, and stored in the state dict like the official one.
+    The official layer computes y = phi(q) (v^T phi(k))^T / (phi(q) sum_t phi(k_t) + 1e-8).
+
+    ``forward`` computes that same function in a form whose every intermediate stays inside FP16's range
+    (trained weights give phi(k) ~ 4e5 and a normalizer ~ 3e9 in the direct form, FP16 stops at 65504):
+
+    * each feature f of phi(k) is shifted by its maximum over the tokens, c_f, so phi(k) lies in (0, 1];
+    * the shift moves into q's exponent (exp(a_q + c_f) exp(a_k - c_f) = exp(a_q) exp(a_k)), and q is
+      shifted per token by its maximum over the features, d_t; |q|^2 / 2 is a per-token factor and
+      cancels in the ratio, so it only enters through the 1e-8;
+    * the sums over T tokens are scaled by 1 / (m sqrt(T)), so normalizer and numerator stay within
+      [1 / (m sqrt(T)), sqrt(T)] and sqrt(T) max|v|;
+    * the 1e-8 is divided by the same factors, exp(d_t - |q_t|^2 / 2) sqrt(T), and enters as a ratio of two
+      exponentials that never exceed 1: y is the official y, also where the normalizer is far below 1e-8.
+
+    The shifts are detached: y does not depend on them, so their gradient is exactly zero anyway.
     """
 
     def __init__(self, dim: int, out_dim: int, kernel_ratio: float = 0.5, drop: float = _PERFORMER_DROPOUT) -> None:
@@ -173,21 +189,28 @@ class TokenPerformer(nn.Module):
         # orthogonal rows scaled to norm sqrt(m), as the official init; checkpoints overwrite it anyway
         features = nn.init.orthogonal_(torch.empty(self.num_features, out_dim)) * math.sqrt(self.num_features)
         self.w = nn.Parameter(features, requires_grad=False)
-        # The ONNX exporter's optimizer deletes `x + <scalar within 1e-8 of 0>` as an add of zero,
-        # which made D + 1e-8 a division by zero (NaN logits). A shape-(1,1,1) constant is kept.
-        # Not persistent: the official state dict has no such key.
-        self.register_buffer("eps", torch.full((1, 1, 1), 1e-8), persistent=False)
-
-    def random_features(self, u: torch.Tensor) -> torch.Tensor:
-        half_sq_norm = (u * u).sum(dim=-1, keepdim=True) / 2
-        return torch.exp(u @ self.w.t() - half_sq_norm) / math.sqrt(self.num_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         k, q, v = self.kqv(self.norm1(x)).split(self.out_dim, dim=-1)  # official order: k, q, v
-        kp, qp = self.random_features(k), self.random_features(q)  # (B, T, m)
-        normalizer = qp @ kp.sum(dim=1).unsqueeze(-1)  # (B, T, 1)
-        kptv = v.transpose(1, 2) @ kp  # (B, out_dim, m)
-        y = (qp @ kptv.transpose(1, 2)) / (normalizer + self.eps)
+        tokens = x.shape[1]
+        # 1 / (m sqrt(T)) keeps the token sums in range; a Python float, so every form exports it as a constant
+        token_scale = 1.0 / (self.num_features * math.sqrt(tokens))
+        k_exponent = k @ self.w.t() - (k * k).sum(dim=-1, keepdim=True) / 2  # (B, T, m)
+        k_shift = k_exponent.amax(dim=1, keepdim=True).detach()  # c_f: (B, 1, m)
+        kp = torch.exp(k_exponent - k_shift)  # in (0, 1]
+        k_sum = kp.mean(dim=1).unsqueeze(-1) * (tokens * token_scale)  # (B, m, 1)
+        kptv = (v * token_scale).transpose(1, 2) @ kp  # (B, out_dim, m)
+        q_exponent = q @ self.w.t() + k_shift  # (B, T, m); |q|^2 / 2 cancels in the ratio
+        q_shift = q_exponent.amax(dim=-1, keepdim=True).detach()  # d_t: (B, T, 1)
+        qp = torch.exp(q_exponent - q_shift)  # in (0, 1]
+        normalizer = qp @ k_sum  # (B, T, 1)
+        # the official 1e-8 divided by the factors taken out: exp(d_t - |q|^2 / 2) * sqrt(T)
+        eps_exponent = (q * q).sum(dim=-1, keepdim=True) / 2 - q_shift + (_LOG_1E_8 - math.log(tokens) / 2)
+        # N / (D + e^g) as (N b) / (D b + a) with a = e^min(g, 0), b = e^min(-g, 0): equal for either sign of
+        # g, and neither exponential exceeds 1 (a tiny normalizer gives e^g far beyond FP16's range)
+        eps_a = torch.exp(eps_exponent.clamp(max=0.0))
+        eps_b = torch.exp((-eps_exponent).clamp(max=0.0))
+        y = (qp @ kptv.transpose(1, 2)) * eps_b / (normalizer * eps_b + eps_a)
         y = v + self.dp(self.proj(y))
         return y + self.mlp(self.norm2(y))
 
