@@ -198,7 +198,7 @@ class TokenPerformer(nn.Module):
         k_exponent = k @ self.w.t() - (k * k).sum(dim=-1, keepdim=True) / 2  # (B, T, m)
         k_shift = k_exponent.amax(dim=1, keepdim=True).detach()  # c_f: (B, 1, m)
         kp = torch.exp(k_exponent - k_shift)  # in (0, 1]
-        k_sum = kp.mean(dim=1).unsqueeze(-1) * (tokens * token_scale)  # (B, m, 1)
+        k_sum = kp.sum(dim=1).unsqueeze(-1) * token_scale  # (B, m, 1); the sum is <= T (3136 at 224 px)
         kptv = (v * token_scale).transpose(1, 2) @ kp  # (B, out_dim, m)
         q_exponent = q @ self.w.t() + k_shift  # (B, T, m); |q|^2 / 2 cancels in the ratio
         q_shift = q_exponent.amax(dim=-1, keepdim=True).detach()  # d_t: (B, T, 1)
