@@ -14,6 +14,7 @@ from rich.table import Table
 
 from t2tedge.devices.cli import device_app
 from t2tedge.errors import T2tedgeError
+from t2tedge.evaluation.accuracy import failed
 
 app = typer.Typer(
     help="Compile T2T-ViT and MobileNet baselines for edge targets, validate and compare them.",
@@ -23,6 +24,7 @@ app = typer.Typer(
 )
 # Results go to stdout; when it is a file or pipe, keep tables wide enough to read.
 out = Console(width=None if sys.stdout.isatty() else 160)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
 app.add_typer(device_app, name="device")
 
 
@@ -211,13 +213,21 @@ def build(
             f"{acc['top1']:.2f}" if "top1" in acc else "-",
             f"{acc['top5']:.2f}" if "top5" in acc else "-",
             f"{agree:.2f}" if agree is not None else "-",
-            acc["label"] + (f": {acc['reason']}" if "reason" in acc else ""),
+            ("FAILED " if failed(acc) else "") + acc["label"] + (f": {acc['reason']}" if "reason" in acc else ""),
             row.artifact or "-",
         )
     out.print(table)
     out.print(f"summary: {loaded.output_dir / (loaded.name + '-summary.json')}")
     if report:
         _print_report(loaded.output_dir)
+    broken = [row for row in rows if failed(row.accuracy)]
+    if broken:
+        first = broken[0]
+        err.print(
+            f"error: {len(broken)} artifact(s) failed validation, e.g. {first.model} {first.target}/{first.precision}: "
+            f"{first.accuracy['reason']}"
+        )
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -244,6 +254,9 @@ def validate(
     if "top1" in result:
         out.print(f"{artifact}: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  on {result['images']} images "
                   f"({result['label']}{' on ' + device if device else ''})")  # fmt: skip
+    elif failed(result):
+        err.print(f"error: {artifact}: validation failed ({result['label']}): {result['reason']}")
+        raise typer.Exit(1)
     else:
         out.print(f"{artifact}: accuracy {result['label']}: {result['reason']}")
 

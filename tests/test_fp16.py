@@ -136,10 +136,12 @@ def _overflow_graph(tmp_path):
 def test_range_check_names_the_overflow_and_pins_it(tmp_path) -> None:
     path = _overflow_graph(tmp_path)
     x = np.array([[1.0, 0.5, -2.0, 0.25]], np.float32)
-    record, pinned = fp16_range_check(path, x)
+    check = fp16_range_check(path, x)
+    record, pinned = check.record, check.fp32_nodes
     assert [r["tensor"] for r in record["outside_fp16"]] == ["bigger"]
     assert record["outside_fp16"][0]["max_abs"] == pytest.approx(2e5)
     assert pinned == ["scale_down", "scale_more"]  # the producer and the consumer that reads it
+    assert check.fp32_tensors == ["bigger", "y"]
     assert not np.isfinite(GraphEmulator(path)(x)).all()  # FP16 storage: 2e5 is inf
     np.testing.assert_allclose(GraphEmulator(path, fp32_nodes=pinned)(x), x * 100, rtol=1e-3)
 

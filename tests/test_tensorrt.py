@@ -266,14 +266,16 @@ def test_cli_lint_exits_1_naming_the_node(built: dict, tmp_path: Path) -> None:
     assert node in result.stdout and "QLinearMatMul" in result.stdout
 
 
-def test_build_fails_on_lint_error(built: dict, tmp_path: Path) -> None:
+def test_build_fails_on_lint_error(built: dict, images: np.ndarray, tmp_path: Path) -> None:
     model = onnx.load(built["mobilenet_v2"][0])
     node = _made_up_op(model.graph)
     onnx.save(model, tmp_path / "bad.onnx")
     out = tmp_path / "out"
     out.mkdir()
     with pytest.raises(T2tedgeError, match=node):
-        get_target("tensorrt").build(BuildInputs(tmp_path / "bad.onnx", SIZE, 10, "", dict(CONFIG)), "fp16", out)
+        get_target("tensorrt").build(
+            BuildInputs(tmp_path / "bad.onnx", SIZE, 10, "", dict(CONFIG), images[:8]), "fp16", out
+        )
 
 
 # --- engine scripts ----------------------------------------------------------------------------------
@@ -355,12 +357,19 @@ def test_trtexec_commands_and_dynamic_batch(built: dict, tmp_path: Path) -> None
     assert bad.returncode == 2 and "--min-batch" in bad.stderr
 
 
-def test_fp16_artifact_is_the_plain_graph(built: dict, tmp_path: Path) -> None:
+def test_fp16_artifact_is_the_plain_graph(built: dict, images: np.ndarray, tmp_path: Path) -> None:
     fp32 = built["mobilenet_v2"][0]
-    facts = get_target("tensorrt").build(BuildInputs(fp32, SIZE, 10, "", {}), "fp16", tmp_path)
+    facts = get_target("tensorrt").build(BuildInputs(fp32, SIZE, 10, "", {}, images[:8]), "fp16", tmp_path)
     assert (tmp_path / "model.onnx").read_bytes() == fp32.read_bytes()
     assert facts["trtexec"].split()[:3] == ["trtexec", "--onnx=model.onnx", "--fp16"]
     assert _dry_run(tmp_path)["flags"] == ["FP16"]
+    assert facts["fp16_range"]["images"] == 8 and facts["fp16_range"]["outside_fp16"] == []
+    assert facts["fp32_layers"] == {"nodes": [], "tensors": []}
+
+
+def test_fp16_build_needs_calibration_images(built: dict, tmp_path: Path) -> None:
+    with pytest.raises(T2tedgeError, match="FP16 range check"):
+        get_target("tensorrt").build(BuildInputs(built["mobilenet_v2"][0], SIZE, 10, "", {}), "fp16", tmp_path)
 
 
 # --- runners -----------------------------------------------------------------------------------------
@@ -385,7 +394,7 @@ def test_availability_and_emulated_runner(built: dict, images: np.ndarray) -> No
         assert getattr(runner, "label", "measured") == "measured"
         return
     assert runner.label == "emulated"
-    assert runner.emulation == "onnxruntime CPU running the TensorRT Q/DQ graph (not TensorRT kernels)"
+    assert runner.emulation.startswith("t2tedge FP16 graph emulator") and "FP16 storage" in runner.emulation
     logits = runner(held_out)
     assert logits.shape == reference.shape and np.isfinite(logits).all()
     assert _cosine(logits, reference).min() > 0.99
@@ -441,3 +450,79 @@ def test_uint8_graph_input_is_allowed(tmp_path: Path) -> None:
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), tmp_path / "m.onnx")
     findings = lint(tmp_path / "m.onnx")
     assert not has_errors(findings) and [f.rule for f in findings] == ["uint8-io"]
+
+
+# --- FP16 range check ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def overflowing(tmp_path_factory: pytest.TempPathFactory, images: np.ndarray) -> tuple[Path, dict]:
+    """A tensorrt fp16 artifact of a tiny T2T-ViT whose classifier is scaled so its logits exceed 65504."""
+    root = tmp_path_factory.mktemp("overflow")
+    torch.manual_seed(0)
+    model = get_spec("t2t_vit_7").create(num_classes=10, image_size=SIZE, depth=1)
+    with torch.no_grad():
+        model.head.weight.mul_(1e7)
+    fp32 = root / "export.onnx"
+    export_onnx(model, SIZE, fp32)
+    out = root / "fp16"
+    out.mkdir()
+    facts = get_target("tensorrt").build(BuildInputs(fp32, SIZE, 10, "", dict(CONFIG), images[:8]), "fp16", out)
+    manifest = {
+        "target": "tensorrt",
+        "precision": "fp16",
+        "build": facts,
+        "model_io": {
+            "family": "t2t_vit",
+            "image_size": SIZE,
+            "num_classes": 10,
+            "classes": [],
+            "preprocess": Preprocess(input_size=SIZE, resize_size=SIZE, interpolation="bilinear").to_dict(),
+        },
+    }
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    return out, facts
+
+
+def test_range_check_pins_the_overflowing_layer_in_every_script(overflowing: tuple[Path, dict]) -> None:
+    out, facts = overflowing
+    outside = facts["fp16_range"]["outside_fp16"]
+    assert [r["tensor"] for r in outside] == ["logits"] and outside[0]["max_abs"] > 65504
+    gemm = outside[0]["node"]
+    assert facts["fp32_layers"] == {"nodes": [gemm], "tensors": ["logits"]}
+    assert f"--layerPrecisions={gemm}:fp32" in facts["trtexec"].split()
+    assert "--precisionConstraints=obey" in (out / TRTEXEC_SCRIPT).read_text()
+    plan = _dry_run(out)
+    assert plan["fp32_tensors"] == ["logits"] and plan["flags"] == ["FP16", "OBEY_PRECISION_CONSTRAINTS"]
+    assert _dry_run(out, "--no-fp32-pins")["flags"] == ["FP16"]
+    ranges = json.loads((out / "fp16_ranges.json").read_text())
+    assert ranges["fp32_tensors"] == ["logits"] and ranges["tensors"]["logits"]["max_abs"] > 65504
+    assert any(f["rule"] == "fp16-overflow" and f["severity"] == "info" for f in facts["lint"]["findings"])
+
+
+def test_pinned_emulation_is_finite_and_unpinned_validation_fails(
+    overflowing: tuple[Path, dict], images: np.ndarray, tmp_path: Path
+) -> None:
+    from t2tedge.emulation import GraphEmulator
+    from t2tedge.pipeline.validate import run_validation
+
+    out, _ = overflowing
+    target = get_target("tensorrt")
+    labels = np.arange(8) % 10
+    if TRT_OK:
+        pytest.skip("a real engine runs here")
+    pinned = run_validation(target, Artifact(out), images[8:], labels)
+    assert pinned["label"] == "emulated" and "top1" in pinned and "pinned to FP32" in pinned["note"]
+    # the same graph in FP16 without the pin: inf logits, which must be a failure, not a top-1
+    assert not np.isfinite(GraphEmulator(out / "model.onnx")(images[8:])).all()
+    unpinned = tmp_path / "unpinned"
+    shutil.copytree(out, unpinned)
+    manifest = json.loads((unpinned / "manifest.json").read_text())
+    manifest["build"]["fp32_layers"] = {"nodes": [], "tensors": []}
+    (unpinned / "manifest.json").write_text(json.dumps(manifest))
+    result = run_validation(target, Artifact(unpinned), images[8:], labels)
+    assert result["status"] == "failed" and "top1" not in result
+    assert result["reason"] == "non-finite logits (NaN/Inf) for 8 of 8 images"
+    cli = _cli("validate", str(unpinned), "--data", "fashion_mnist:test", "--limit", "10")
+    assert cli.returncode == 1, cli.stderr
+    assert cli.stderr.strip().splitlines()[-1].startswith("error:") and "non-finite logits" in cli.stderr

@@ -6,8 +6,8 @@ half precision. Both record the range of every intermediate (``ranges``), which 
 of the accelerator targets reads.
 """
 
-from t2tedge.emulation.onnx_fp16 import GraphEmulator, fp16_range_check
+from t2tedge.emulation.onnx_fp16 import GraphEmulator, RangeCheck, fp16_range_check
 from t2tedge.emulation.ranges import FP16_MAX, FP16_TINY, TensorRange
 from t2tedge.emulation.torch_fp16 import audit_fp16
 
-__all__ = ["FP16_MAX", "FP16_TINY", "GraphEmulator", "TensorRange", "audit_fp16", "fp16_range_check"]
+__all__ = ["FP16_MAX", "FP16_TINY", "GraphEmulator", "RangeCheck", "TensorRange", "audit_fp16", "fp16_range_check"]

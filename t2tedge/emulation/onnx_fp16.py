@@ -19,6 +19,7 @@ The interpreter covers the ops t2tedge's exports contain and refuses others with
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -352,14 +353,30 @@ class GraphEmulator:
         return self.run(images).numpy()
 
 
+@dataclass
+class RangeCheck:
+    """The FP16 range check of one graph: every float tensor's range and the nodes that must run in FP32."""
+
+    ranges: dict[str, TensorRange]
+    record: dict[str, Any]
+    # the producers of tensors beyond FP16's range and every node that reads such a tensor
+    fp32_nodes: list[str]
+    # the float outputs of those nodes: what an engine build pins to FP32 (TensorRT names layers' outputs so)
+    fp32_tensors: list[str]
+
+    def ranges_json(self) -> dict[str, Any]:
+        """The ranges in the format ``t2tedge tensorrt-lint --ranges`` reads."""
+        return {
+            "tensors": {name: r.to_dict() for name, r in self.ranges.items()},
+            "fp32_tensors": self.fp32_tensors,
+            "images": self.record["images"],
+        }
+
+
 def fp16_range_check(
     path: str | Path, images: np.ndarray, batch_size: int = 32, fp32_nodes: Sequence[str] = ()
-) -> tuple[dict[str, Any], list[str]]:
-    """Ranges of every float tensor of a graph on ``images``, computed without rounding.
-
-    Returns the manifest record and the nodes that must run in FP32 on an FP16 engine: the producers of
-    tensors beyond FP16's range and every consumer that reads such a tensor.
-    """
+) -> RangeCheck:
+    """Ranges of every float tensor of a graph on ``images``, computed in FP32 (what FP16 would have to hold)."""
     emulator = GraphEmulator(path, fp32_nodes, float_dtype=torch.float32)
     ranges: dict[str, TensorRange] = {}
     consumers: dict[str, list[str]] = {}
@@ -374,9 +391,11 @@ def fp16_range_check(
 
     for start in range(0, len(images), batch_size):
         emulator.run(images[start : start + batch_size], observe)
-    record = summarize_ranges(ranges, len(images))
     pinned: list[str] = []
     for r in ranges.values():
         if r.overflows:
             pinned += [r.producer, *consumers.get(r.name, [])]
-    return record, sorted(dict.fromkeys(pinned))
+    pinned = sorted(dict.fromkeys(pinned))
+    wanted = set(pinned)
+    tensors = [name for name, r in ranges.items() if r.producer in wanted]
+    return RangeCheck(ranges, summarize_ranges(ranges, len(images)), pinned, tensors)

@@ -14,6 +14,8 @@ import numpy as np
 from t2tedge.progress import track
 
 MEASURED, EMULATED, UNAVAILABLE = "measured", "emulated", "unavailable"
+# An accuracy whose logits held NaN or Inf: a failure with its reason, never a top-1.
+FAILED = "failed"
 
 
 def run_batched(runner: Callable[[np.ndarray], np.ndarray], images: np.ndarray, batch_size: int = 32) -> np.ndarray:
@@ -50,7 +52,23 @@ def accuracy_report(
     reference: np.ndarray | None = None,
     note: str = "",
 ) -> dict[str, Any]:
-    """Top-1/top-5 (and agreement with the reference when given), labelled with how it was obtained."""
+    """Top-1/top-5 (and agreement with the reference when given), labelled with how it was obtained.
+
+    Non-finite logits make the record a failure (``status: failed`` with the reason) instead: NaN sorts
+    unpredictably, so any top-1 computed from them would be a plausible-looking accident.
+    """
+    bad = int((~np.isfinite(logits)).any(axis=1).sum())
+    if bad:
+        failure: dict[str, Any] = {
+            "label": label,
+            "status": FAILED,
+            "images": int(len(labels)),
+            "nonfinite_images": bad,
+            "reason": f"non-finite logits (NaN/Inf) for {bad} of {len(labels)} images",
+        }
+        if note:
+            failure["note"] = note
+        return failure
     report: dict[str, Any] = {
         "label": label,
         "images": int(len(labels)),
@@ -62,6 +80,11 @@ def accuracy_report(
     if reference is not None:
         report["vs_fp32_torch"] = agreement(logits, reference)
     return report
+
+
+def failed(record: dict[str, Any]) -> bool:
+    """Whether an accuracy record is a failure (non-finite outputs)."""
+    return record.get("status") == FAILED
 
 
 def unavailable(reason: str) -> dict[str, Any]:

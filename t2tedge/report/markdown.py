@@ -20,6 +20,8 @@ def _size(n: int) -> str:
 
 def accuracy_cell(data: ReportData, row: Row) -> str:
     acc = row.accuracy
+    if acc.get("status") == "failed":
+        return f"**FAILED** ({acc.get('label')}): {acc.get('reason')}"
     if acc.get("top1") is None:
         return f"{acc.get('label', 'unavailable')}: {acc.get('reason', 'not validated')}"
     ref = data.models.get(row.model, {}).get("fp32_torch", {}).get("top1")

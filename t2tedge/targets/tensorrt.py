@@ -3,12 +3,15 @@
 int8 writes a Q/DQ graph TensorRT builds in explicit-quantization mode: symmetric INT8 (zero point 0),
 per-channel weight scales on the output-channel axis, per-tensor activation scales, Q/DQ on the inputs of
 Conv, Gemm and the MatMuls with a weight; LayerNormalization stays one float op, residual Adds and
-Softmax read float tensors. fp16 ships the plain ONNX for a build with the FP16 flag. Both artifacts hold
-``build_engine.py`` (TensorRT Python API) and ``trtexec.sh`` so the engine can be built where the GPU is,
-and pass the rule lint of :mod:`t2tedge.targets.tensorrt_lint` (an error fails the build).
+Softmax read float tensors. fp16 ships the plain ONNX for a build with the FP16 flag. Both run FP16
+wherever a layer is not INT8, so every build runs the FP16 range check on the calibration images: a
+tensor beyond 65504 pins its producer and readers to FP32 (``engine.json``, applied by
+``build_engine.py`` and ``trtexec.sh`` as layer precision constraints). Both artifacts pass the rule
+lint of :mod:`t2tedge.targets.tensorrt_lint` (an error fails the build).
 
 Engines are built and run only where ``tensorrt`` imports and torch sees a CUDA device. Elsewhere the
-Q/DQ graph runs on onnxruntime's CPU provider, labelled ``emulated``.
+graph runs in :class:`t2tedge.emulation.GraphEmulator`: FP16 storage as TensorRT's FP16 layers, Q/DQ in
+INT8 math, the pinned layers in FP32; its numbers are labelled ``emulated``.
 """
 
 from __future__ import annotations
@@ -28,14 +31,15 @@ from typing import Any
 import numpy as np
 
 from t2tedge.errors import ArtifactError, T2tedgeError, TargetUnavailableError
-from t2tedge.pipeline.store import Artifact, read_manifest, sha256_file
+from t2tedge.pipeline.store import Artifact, read_manifest, sha256_file, write_json
 from t2tedge.progress import log
 from t2tedge.targets.base import Availability, BuildInputs, check_precision, register_target
-from t2tedge.targets.onnxruntime import OnnxRuntimeRunner
 from t2tedge.targets.tensorrt_lint import ERROR, lint, summarize
 
 MODEL_FILE = "model.onnx"
 BUILD_SCRIPT = "build_engine.py"
+ENGINE_SETTINGS = "engine.json"
+RANGES_FILE = "fp16_ranges.json"
 TRTEXEC_SCRIPT = "trtexec.sh"
 ENGINE_FILE = "model.engine"
 TIMING_CACHE = "timing.cache"
@@ -46,8 +50,7 @@ WORKSPACE_MB = 1024
 # Optimization profile for a dynamic batch: tuned for batch 1 (edge latency), valid up to 32.
 BATCH_PROFILE = (1, 1, 32)
 NO_TENSORRT = "no TensorRT/GPU on this host"
-EMULATION = "onnxruntime CPU running the TensorRT Q/DQ graph (not TensorRT kernels)"
-EMULATION_FP16 = "onnxruntime CPU running the FP32 ONNX graph (TensorRT would run FP16 kernels)"
+EMULATION = "t2tedge FP16 graph emulator (PyTorch CPU) running model.onnx, not TensorRT kernels"
 # Ops whose inputs stay float even when a neighbour is quantized. Add: residual connections (TensorRT
 # fuses an FP16 add into the preceding layer's epilogue); Softmax and LayerNormalization: INT8 inputs
 # cost accuracy for no speed, TensorRT runs them in FP16 either way.
@@ -55,14 +58,25 @@ FLOAT_INPUT_OPS = ("Softmax", "Add", "LayerNormalization")
 QUANTIZED_OPS = ("Conv", "Gemm", "MatMul")
 
 
-class EmulatedRunner(OnnxRuntimeRunner):
-    """onnxruntime on CPU standing in for a TensorRT engine; its numbers are labelled emulated."""
+class EmulatedRunner:
+    """The artifact's graph in TensorRT's arithmetic on the CPU, standing in for an engine (labelled emulated)."""
 
     label = "emulated"
 
-    def __init__(self, path: Path, emulation: str, threads: int | None = None) -> None:
-        super().__init__(path, threads)
-        self.emulation = emulation
+    def __init__(self, path: Path, fp32_nodes: list[str], threads: int | None = None) -> None:
+        import torch
+
+        from t2tedge.emulation import GraphEmulator
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.emulator = GraphEmulator(path, fp32_nodes)
+        self.fixed_batch = self.emulator.fixed_batch
+        pinned = f"; {len(fp32_nodes)} nodes pinned to FP32 as the engine pins them" if fp32_nodes else ""
+        self.emulation = f"{EMULATION}: {self.emulator.arithmetic}{pinned}"
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        return self.emulator(images)
 
 
 class TensorRTRunner:
@@ -137,14 +151,14 @@ class TensorRTTarget:
 
     name = "tensorrt"
     precisions = ("fp16", "int8")
-    payload = ("model.onnx", BUILD_SCRIPT, TRTEXEC_SCRIPT)
+    payload = ("model.onnx", BUILD_SCRIPT, ENGINE_SETTINGS, TRTEXEC_SCRIPT)
 
     def availability(self) -> Availability:
         ok, reason = tensorrt_status()
         return Availability(True, ok, "" if ok else reason, can_emulate=True)
 
     def needs_calibration(self, precision: str) -> bool:
-        return precision == "int8"
+        return True  # int8 calibrates; both precisions run the FP16 range check on the calibration images
 
     def tool_versions(self) -> dict[str, str]:
         import onnx
@@ -155,25 +169,26 @@ class TensorRTTarget:
 
     def build(self, inputs: BuildInputs, precision: str, out_dir: Path) -> dict[str, Any]:
         check_precision(self, precision)
+        if inputs.calibration is None or len(inputs.calibration) == 0:
+            raise T2tedgeError(f"tensorrt/{precision} needs calibration images (the FP16 range check reads them)")
         model_path = out_dir / MODEL_FILE
         if precision == "int8":
             facts = build_qdq(inputs, model_path, out_dir)
         else:
             shutil.copyfile(inputs.onnx_path, model_path)
             facts = {"format": "ONNX (FP32 weights; TensorRT builds FP16 kernels with the FP16 flag)"}
-        findings = lint(model_path)
-        errors = [f for f in findings if f.severity == ERROR]
-        if errors:
-            first = errors[0]
-            raise T2tedgeError(
-                f"tensorrt/{precision}: the graph breaks TensorRT's rules: node {first.node!r} ({first.op}): "
-                f"{first.message}" + (f" (and {len(errors) - 1} more errors)" if len(errors) > 1 else "")
-            )
+        _lint_or_fail(model_path, precision)  # operator and Q/DQ rules first: the range check runs the graph
+        check = range_check(model_path, inputs.calibration, f"tensorrt/{precision}")
+        write_json(out_dir / RANGES_FILE, check.ranges_json())
+        ranges = {r["tensor"]: r["max_abs"] for r in check.record["outside_fp16"]}
+        findings = _lint_or_fail(model_path, precision, tensor_ranges=ranges, fp32_tensors=set(check.fp32_tensors))
         shape = input_shape(model_path)
-        write_scripts(out_dir, precision, shape)
+        write_scripts(out_dir, precision, shape, check.fp32_nodes, check.fp32_tensors)
+        facts["fp16_range"] = {**check.record, "file": RANGES_FILE}
+        facts["fp32_layers"] = {"nodes": check.fp32_nodes, "tensors": check.fp32_tensors}
         facts["lint"] = summarize(findings)
         facts["input"] = {"name": shape[0], "shape": shape[1]}
-        facts["trtexec"] = trtexec_command(precision, shape)
+        facts["trtexec"] = trtexec_command(precision, shape, fp32_nodes=check.fp32_nodes)
         facts["build_script"] = f"python {BUILD_SCRIPT}"
         facts["engine"] = _build_engine_at_build_time(out_dir)
         return facts
@@ -182,9 +197,37 @@ class TensorRTTarget:
         ok, _ = tensorrt_status()
         if ok:
             return TensorRTRunner(ensure_engine(artifact))
-        precision = artifact.manifest.get("precision", "int8")
-        emulation = EMULATION if precision == "int8" else EMULATION_FP16
-        return EmulatedRunner(artifact.file(MODEL_FILE), emulation, threads)
+        pinned = artifact.manifest.get("build", {}).get("fp32_layers", {}).get("nodes", [])
+        return EmulatedRunner(artifact.file(MODEL_FILE), pinned, threads)
+
+
+def _lint_or_fail(model_path: Path, precision: str, **kwargs: Any) -> list[Any]:
+    """The lint's findings; an error fails the build with one line naming the node."""
+    findings = lint(model_path, **kwargs)
+    errors = [f for f in findings if f.severity == ERROR]
+    if errors:
+        first = errors[0]
+        raise T2tedgeError(
+            f"tensorrt/{precision}: the graph breaks TensorRT's rules: node {first.node!r} ({first.op}): "
+            f"{first.message}" + (f" (and {len(errors) - 1} more errors)" if len(errors) > 1 else "")
+        )
+    return findings
+
+
+def range_check(model_path: Path, calibration: np.ndarray, what: str) -> Any:
+    """The FP16 range check of the graph on the calibration images; says which layers it pins to FP32."""
+    from t2tedge.emulation import fp16_range_check
+
+    log(f"  {what}: FP16 range check on {len(calibration)} calibration images")
+    check = fp16_range_check(model_path, calibration)
+    outside = check.record["outside_fp16"]
+    if outside:
+        worst = max(outside, key=lambda r: r["max_abs"])
+        log(
+            f"  [yellow]{what}:[/] {len(outside)} tensors leave FP16's range (e.g. {worst['tensor']!r} of "
+            f"{worst['node']!r} reaches {worst['max_abs']:.3g}); {len(check.fp32_nodes)} layers pinned to FP32"
+        )
+    return check
 
 
 def qdq_settings(config: dict[str, Any]) -> Any:
@@ -270,10 +313,17 @@ def trtexec_command(
     shape: tuple[str, list[int | str]],
     workspace_mb: int = WORKSPACE_MB,
     batch: tuple[int, int, int] = BATCH_PROFILE,
+    fp32_nodes: list[str] | tuple[str, ...] = (),
 ) -> str:
-    """The trtexec (TensorRT 10) command that builds the engine; it also times inference after the build."""
+    """The trtexec (TensorRT 10) command that builds the engine; it also times inference after the build.
+
+    ``fp32_nodes`` become layer precision constraints (trtexec names a layer after its ONNX node).
+    """
     flags = [f"--onnx={MODEL_FILE}"]
     flags += ["--int8", "--fp16"] if precision == "int8" else ["--fp16"]
+    if fp32_nodes:
+        pins = ",".join(f"{name}:fp32" for name in fp32_nodes)
+        flags += ["--precisionConstraints=obey", f"--layerPrecisions={pins}", f"--layerOutputTypes={pins}"]
     flags += [
         f"--saveEngine={ENGINE_FILE}",
         f"--timingCacheFile={TIMING_CACHE}",
@@ -286,18 +336,27 @@ def trtexec_command(
     return "trtexec " + " ".join(shlex.quote(f) for f in flags)
 
 
-def write_scripts(out_dir: Path, precision: str, shape: tuple[str, list[int | str]]) -> None:
-    """Write ``build_engine.py`` and ``trtexec.sh`` for this artifact."""
+def write_scripts(
+    out_dir: Path,
+    precision: str,
+    shape: tuple[str, list[int | str]],
+    fp32_nodes: list[str] | tuple[str, ...] = (),
+    fp32_tensors: list[str] | tuple[str, ...] = (),
+) -> None:
+    """Write ``build_engine.py`` (a copy of :mod:`t2tedge.targets.tensorrt_build_engine`), ``engine.json``
+    and ``trtexec.sh`` for this artifact."""
     name, dims = shape
-    script = (
-        BUILD_ENGINE_TEMPLATE.replace("__PRECISION__", repr(precision))
-        .replace("__INPUT_NAME__", repr(name))
-        .replace("__INPUT_SHAPE__", repr([d if isinstance(d, int) and d > 0 else -1 for d in dims]))
-        .replace("__WORKSPACE_MB__", repr(WORKSPACE_MB))
-        .replace("__BATCH_PROFILE__", repr(BATCH_PROFILE))
-    )
-    (out_dir / BUILD_SCRIPT).write_text(script)
-    command = trtexec_command(precision, shape)
+    settings = {
+        "precision": precision,
+        "input": {"name": name, "shape": [d if isinstance(d, int) and d > 0 else -1 for d in dims]},
+        "workspace_mb": WORKSPACE_MB,
+        "batch_profile": list(BATCH_PROFILE),
+        "fp32_nodes": list(fp32_nodes),
+        "fp32_tensors": list(fp32_tensors),
+    }
+    write_json(out_dir / ENGINE_SETTINGS, settings)
+    shutil.copyfile(Path(__file__).with_name("tensorrt_build_engine.py"), out_dir / BUILD_SCRIPT)
+    command = trtexec_command(precision, shape, fp32_nodes=fp32_nodes)
     (out_dir / TRTEXEC_SCRIPT).write_text(
         "#!/usr/bin/env bash\n"
         "# Build this artifact's TensorRT engine with trtexec (TensorRT 10) and time inference on this GPU.\n"
@@ -390,141 +449,6 @@ def build_engine(artifact: str | Path) -> Path:
     if manifest.get("target") != "tensorrt":
         raise ArtifactError(f"{path} is not a tensorrt artifact (target {manifest.get('target')!r})")
     return ensure_engine(Artifact(path))
-
-
-BUILD_ENGINE_TEMPLATE = '''#!/usr/bin/env python3
-"""Build a TensorRT engine from this artifact's model.onnx (written by t2tedge).
-
-Needs only the `tensorrt` Python package (written for TensorRT 10; every call it makes also exists in 8.6)
-and a CUDA GPU, e.g. a Jetson with JetPack 6. INT8 artifacts carry their own Q/DQ scales (explicit
-quantization): no calibrator runs here.
-`python build_engine.py --help` lists the options; `--dry-run` prints the resolved settings only.
-"""
-
-import argparse
-import json
-import os
-import sys
-import time
-from pathlib import Path
-
-PRECISION = __PRECISION__
-INPUT_NAME = __INPUT_NAME__
-INPUT_SHAPE = __INPUT_SHAPE__  # -1: dynamic
-WORKSPACE_MB = __WORKSPACE_MB__
-MIN_BATCH, OPT_BATCH, MAX_BATCH = __BATCH_PROFILE__
-HERE = Path(__file__).resolve().parent
-
-
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=f"Build a TensorRT engine ({PRECISION}) from model.onnx.")
-    parser.add_argument(
-        "artifact", nargs="?", type=Path, default=HERE, help="artifact directory holding model.onnx (default: here)"
-    )
-    parser.add_argument("--onnx", type=Path, help="ONNX file (default: ARTIFACT/model.onnx)")
-    parser.add_argument("--engine", type=Path, help="engine to write (default: ARTIFACT/model.engine)")
-    parser.add_argument(
-        "--timing-cache", type=Path, help="timing cache, read and updated (default: ARTIFACT/timing.cache)"
-    )
-    parser.add_argument("--workspace-mb", type=int, default=WORKSPACE_MB, help="workspace memory pool limit in MiB")
-    parser.add_argument("--precision", choices=("fp16", "int8"), default=PRECISION)
-    parser.add_argument(
-        "--no-fp16", action="store_true", help="int8: no FP16 fallback (layers without Q/DQ run in FP32)"
-    )
-    parser.add_argument("--min-batch", type=int, default=MIN_BATCH, help="optimization profile (dynamic batch only)")
-    parser.add_argument("--opt-batch", type=int, default=OPT_BATCH, help="batch the kernels are tuned for")
-    parser.add_argument("--max-batch", type=int, default=MAX_BATCH)
-    parser.add_argument("--verbose", action="store_true", help="TensorRT's verbose log (layer precisions, fusions)")
-    parser.add_argument("--dry-run", action="store_true", help="print the resolved settings and exit")
-    args = parser.parse_args(argv)
-    args.onnx = args.onnx or args.artifact / "model.onnx"
-    args.engine = args.engine or args.artifact / "model.engine"
-    args.timing_cache = args.timing_cache or args.artifact / "timing.cache"
-    if not args.min_batch <= args.opt_batch <= args.max_batch:
-        parser.error("need --min-batch <= --opt-batch <= --max-batch")
-    return args
-
-
-def settings(args):
-    dynamic = any(d < 0 for d in INPUT_SHAPE)
-    return {
-        "onnx": str(args.onnx),
-        "engine": str(args.engine),
-        "timing_cache": str(args.timing_cache),
-        "precision": args.precision,
-        "flags": ["INT8", "FP16"][: 1 if args.no_fp16 else 2] if args.precision == "int8" else ["FP16"],
-        "workspace_mb": args.workspace_mb,
-        "input": {"name": INPUT_NAME, "shape": INPUT_SHAPE},
-        "profile": [args.min_batch, args.opt_batch, args.max_batch] if dynamic else None,
-    }
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    plan = settings(args)
-    if args.dry_run:
-        print(json.dumps(plan, indent=2))
-        return 0
-    try:
-        import tensorrt as trt
-    except ImportError:
-        print("error: the tensorrt Python package is not installed (JetPack ships it; pip install tensorrt)",
-              file=sys.stderr)
-        return 2
-    if not args.onnx.is_file():
-        print(f"error: {args.onnx} not found", file=sys.stderr)
-        return 2
-    logger = trt.Logger(trt.Logger.VERBOSE if args.verbose else trt.Logger.WARNING)
-    builder = trt.Builder(logger)
-    # TensorRT 10 networks are always explicit-batch; 8.x needs the flag.
-    major = int(trt.__version__.split(".")[0])
-    flags = 0 if major >= 10 else 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
-    network = builder.create_network(flags)
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(args.onnx)):
-        for i in range(parser.num_errors):
-            print(f"error: {parser.get_error(i)}", file=sys.stderr)
-        return 1
-    config = builder.create_builder_config()
-    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, args.workspace_mb << 20)
-    if args.precision == "int8":
-        config.set_flag(trt.BuilderFlag.INT8)  # scales come from the Q/DQ nodes
-    if "FP16" in plan["flags"]:
-        config.set_flag(trt.BuilderFlag.FP16)  # layers without Q/DQ (LayerNorm, Softmax, attention) run FP16
-    cache_bytes = args.timing_cache.read_bytes() if args.timing_cache.is_file() else b""
-    config.set_timing_cache(config.create_timing_cache(cache_bytes), False)
-    if plan["profile"]:
-        profile = builder.create_optimization_profile()
-        for i in range(network.num_inputs):
-            tensor = network.get_input(i)
-            dims = list(tensor.shape)
-            if any(d < 0 for d in dims[1:]):
-                print(f"error: input {tensor.name} has dynamic dims besides the batch: {dims}", file=sys.stderr)
-                return 2
-            profile.set_shape(
-                tensor.name, *[(batch, *dims[1:]) for batch in (args.min_batch, args.opt_batch, args.max_batch)]
-            )
-        config.add_optimization_profile(profile)
-    started = time.perf_counter()
-    serialized = builder.build_serialized_network(network, config)
-    if serialized is None:
-        print("error: TensorRT could not build the engine (rerun with --verbose)", file=sys.stderr)
-        return 1
-    args.engine.parent.mkdir(parents=True, exist_ok=True)
-    staging = args.engine.with_name(f".{args.engine.name}.{os.getpid()}.tmp")
-    staging.write_bytes(memoryview(serialized))
-    staging.replace(args.engine)  # never leaves a half-written engine behind
-    args.timing_cache.parent.mkdir(parents=True, exist_ok=True)
-    args.timing_cache.write_bytes(memoryview(config.get_timing_cache().serialize()))
-    seconds = time.perf_counter() - started
-    print(f"wrote {args.engine} ({args.engine.stat().st_size / 2**20:.1f} MiB) in {seconds:.0f} s with "
-          f"TensorRT {trt.__version__}, flags {'+'.join(plan['flags'])}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
-'''
 
 
 register_target(TensorRTTarget())
