@@ -526,3 +526,20 @@ def test_pinned_emulation_is_finite_and_unpinned_validation_fails(
     cli = _cli("validate", str(unpinned), "--data", "fashion_mnist:test", "--limit", "10")
     assert cli.returncode == 1, cli.stderr
     assert cli.stderr.strip().splitlines()[-1].startswith("error:") and "non-finite logits" in cli.stderr
+
+
+def test_calibration_method_is_chosen_on_the_heldout_split(built: dict, images: np.ndarray, tmp_path: Path) -> None:
+    fp32 = built["mobilenet_v2"][0]
+    inputs = BuildInputs(fp32, SIZE, 10, "", dict(CONFIG), images[:8])
+    inputs.heldout = images[8:]
+    facts = get_target("tensorrt").build(inputs, "int8", tmp_path)
+    choice = facts["calibration_choice"]
+    assert [c["method"] for c in choice["candidates"]] == ["minmax", "percentile", "entropy"]
+    best = max(choice["candidates"], key=lambda c: (c["top1_agreement"], -c["logit_abs_err_mean"]))
+    assert choice["chosen"] == best["method"] == facts["settings"]["method"]
+    assert choice["heldout_images"] == 8
+    # a method set in the recipe is used as it is, without a choice
+    fixed = BuildInputs(fp32, SIZE, 10, "", {**CONFIG, "calibration_method": "entropy"}, images[:8], images[8:])
+    (tmp_path / "fixed").mkdir()
+    facts = get_target("tensorrt").build(fixed, "int8", tmp_path / "fixed")
+    assert "calibration_choice" not in facts and facts["settings"]["method"] == "entropy"

@@ -42,8 +42,15 @@ class CalibrationSet:
     """
 
     def __init__(
-        self, dataset: ImageDataset, pre: Preprocess, indices: np.ndarray, seed: int, cache_dir: Path | None
+        self,
+        dataset: ImageDataset,
+        pre: Preprocess,
+        indices: np.ndarray,
+        seed: int,
+        cache_dir: Path | None,
+        what: str = "calibration",
     ) -> None:
+        self.what = what
         self.dataset, self.pre, self.indices, self.seed, self.cache_dir = (
             dataset,
             pre,
@@ -59,9 +66,9 @@ class CalibrationSet:
     def images(self) -> np.ndarray:
         if self._images is None:
             self._images, _, self.cached = cached_preprocess(
-                self.dataset, self.indices, self.pre, self.cache_dir, "calibration images"
+                self.dataset, self.indices, self.pre, self.cache_dir, f"{self.what} images"
             )
-            log(f"  calibration: {'reused cached' if self.cached else 'preprocessed'} {len(self.indices)} images")
+            log(f"  {self.what}: {'reused cached' if self.cached else 'preprocessed'} {len(self.indices)} images")
         return self._images
 
     def sample_hashes(self) -> set[str]:
@@ -69,6 +76,21 @@ class CalibrationSet:
 
     def describe(self) -> dict[str, object]:
         return {"size": len(self.indices), "seed": self.seed, "key": self.key[:16], "cached": self.cached}
+
+    def heldout(self, size: int) -> CalibrationSet | None:
+        """A class-balanced split of the same source, disjoint from these images (None if none is left).
+
+        What chooses between quantization candidates (TensorRT's calibration method) scores on it, so
+        neither the calibration images nor the validation set decide a choice.
+        """
+        labels = np.asarray(self.dataset.labels).copy()
+        taken = np.zeros(len(labels), dtype=bool)
+        taken[self.indices] = True
+        remaining = np.flatnonzero(~taken)
+        if size <= 0 or len(remaining) == 0:
+            return None
+        picked = remaining[select_indices(labels[remaining], min(size, len(remaining)), self.seed + 1)]
+        return CalibrationSet(self.dataset, self.pre, np.sort(picked), self.seed + 1, self.cache_dir, "held-out")
 
 
 def calibration_set(

@@ -288,8 +288,10 @@ class Builder:
         # Target settings (e.g. OpenVINO's precision hint) matter for every precision, so they are
         # always passed and hashed; the calibration set only where the precision is calibrated.
         inputs["quantization"] = {**quant.for_target(target_name), "preprocess": ctx.loaded.preprocess.to_dict()}
+        heldout = calib.heldout(self.recipe.calibration.heldout) if needs_calibration else None
         if needs_calibration:
             inputs["calibration"] = calib.key
+            inputs["heldout"] = heldout.key if heldout else None
             if quant.max_accuracy_drop is not None:
                 inputs["accuracy_control"] = val.key
         started = time.perf_counter()
@@ -306,6 +308,7 @@ class Builder:
                 )
                 if needs_calibration:
                     build_inputs.calibration = calib.images
+                    build_inputs.heldout = heldout.images if heldout else None
                     if quant.max_accuracy_drop is not None:
                         subset = select_indices(val.labels, quant.accuracy_subset, seed=0)
                         build_inputs.validation_images = val.images[subset]
@@ -327,7 +330,11 @@ class Builder:
                     }
                 )
                 if needs_calibration:
-                    job.manifest["calibration"] = {**calib.describe(), "source": self.recipe.data.calibration}
+                    job.manifest["calibration"] = {
+                        **calib.describe(),
+                        "source": self.recipe.data.calibration,
+                        "heldout": heldout.describe() if heldout else None,
+                    }
         artifact = job.artifact
         build_seconds = round(time.perf_counter() - started, 2)
         validations = artifact.manifest.get("validation", {})

@@ -45,6 +45,9 @@ class CalibrationConfig(_Strict):
     size: int = Field(300, gt=0)
     seed: int = 0
     allow_fewer: bool = False
+    heldout: int = Field(
+        200, ge=0, description="images of the calibration source, disjoint from the calibration set, that score choices"
+    )
 
 
 class IgnoredScope(_Strict):
@@ -81,6 +84,11 @@ class OnnxRuntimeQuantConfig(_Strict):
 
 class TensorRtConfig(_Strict):
     activation_matmuls: bool = Field(False, description="also put Q/DQ on attention MatMuls (off: hurts T2T accuracy)")
+    calibration_method: Literal["auto", "minmax", "percentile", "entropy"] | None = Field(
+        "auto",
+        description="auto: the method whose INT8 graph agrees best with FP32 on the held-out split, under the "
+        "FP16 emulator; null: quantization.method",
+    )
     exclude_nodes: list[str] = Field(default_factory=list, description="node names kept in FP16")
 
 

@@ -44,6 +44,8 @@ class BuildInputs:
     family: str
     config: dict[str, Any]
     calibration: np.ndarray | None = None
+    # A held-out split of the calibration source (disjoint from `calibration`): what choices score on.
+    heldout: np.ndarray | None = None
     # Targets that convert from PyTorch rather than ONNX (Core ML) get the FP32 model itself.
     torch_model: Any = None
     # For accuracy-aware quantization: a labelled validation subset and its FP32 reference logits.

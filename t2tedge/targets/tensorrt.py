@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import os
 import shlex
@@ -32,7 +33,7 @@ import numpy as np
 
 from t2tedge.errors import ArtifactError, T2tedgeError, TargetUnavailableError
 from t2tedge.pipeline.store import Artifact, read_manifest, sha256_file, write_json
-from t2tedge.progress import log
+from t2tedge.progress import log, track
 from t2tedge.targets.base import Availability, BuildInputs, check_precision, register_target
 from t2tedge.targets.tensorrt_lint import ERROR, lint, summarize
 
@@ -230,7 +231,7 @@ def range_check(model_path: Path, calibration: np.ndarray, what: str) -> Any:
     return check
 
 
-def qdq_settings(config: dict[str, Any]) -> Any:
+def qdq_settings(config: dict[str, Any], method: str | None = None) -> Any:
     """TensorRT's Q/DQ settings from the recipe's quantization dict (optional keys read with defaults).
 
     ``activation_matmuls`` (default False) also quantizes the activation x activation MatMuls (attention
@@ -240,7 +241,7 @@ def qdq_settings(config: dict[str, Any]) -> Any:
 
     try:
         return QdqSettings(
-            method=config.get("method", "minmax"),
+            method=method or config.get("method", "minmax"),
             percentile=float(config.get("percentile", 99.999)),
             op_types=QUANTIZED_OPS,
             activation_type="int8",
@@ -260,15 +261,63 @@ def qdq_settings(config: dict[str, Any]) -> Any:
 
 
 def build_qdq(inputs: BuildInputs, model_path: Path, out_dir: Path) -> dict[str, Any]:
-    """Calibrate and write the TensorRT Q/DQ graph; honours ``max_accuracy_drop`` with emulated accuracy."""
+    """Calibrate and write the TensorRT Q/DQ graph; honours ``max_accuracy_drop`` with emulated accuracy.
+
+    ``calibration_method: auto`` calibrates with every method and keeps the one whose graph agrees best
+    with FP32 on the held-out split of the calibration source, run in the FP16 emulator.
+    """
     from t2tedge.calibration.onnx_qdq import qdq_structure
     from t2tedge.targets.onnxruntime import quantize_with_budget
 
-    facts = quantize_with_budget(inputs, qdq_settings(inputs.config), model_path, out_dir, "tensorrt/int8 (symmetric)")
+    requested = inputs.config.get("calibration_method", "auto") or inputs.config.get("method", "minmax")
+    choice = None
+    if requested == "auto":
+        choice = choose_calibration_method(inputs)
+        requested = choice["chosen"]
+    settings = qdq_settings(inputs.config, requested)
+    facts = quantize_with_budget(inputs, settings, model_path, out_dir, "tensorrt/int8 (symmetric)")
     if "accuracy_aware" in facts:
-        facts["accuracy_aware"]["label"] = "emulated"  # judged on the onnxruntime stand-in
+        facts["accuracy_aware"]["label"] = "emulated"  # judged on the onnxruntime FP32 stand-in
+    if choice is not None:
+        facts["calibration_choice"] = choice
     sort_topologically(model_path)
     return {"format": "Q/DQ ONNX (TensorRT explicit quantization)", **facts, **qdq_structure(model_path)}
+
+
+def choose_calibration_method(inputs: BuildInputs) -> dict[str, Any]:
+    """Score minmax / percentile / entropy on the held-out split; the best top-1 agreement wins, then logit error."""
+    import tempfile
+
+    from t2tedge.calibration.onnx_qdq import METHODS, quantize_qdq
+    from t2tedge.emulation import GraphEmulator
+    from t2tedge.evaluation.accuracy import agreement
+    from t2tedge.targets.onnxruntime import OnnxRuntimeRunner
+
+    if inputs.heldout is None or len(inputs.heldout) == 0:
+        return {"chosen": "minmax", "reason": "no held-out images (calibration.heldout: 0 or no images left)"}
+    reference = OnnxRuntimeRunner(inputs.onnx_path)(inputs.heldout)
+    candidates = []
+    with tempfile.TemporaryDirectory(prefix="t2tedge-trt-method-") as tmp:
+        for method in track(METHODS, "tensorrt int8: choosing the calibration method", total=len(METHODS)):
+            path = Path(tmp) / f"{method}.onnx"
+            with contextlib.redirect_stdout(io.StringIO()):
+                quantize_qdq(inputs.onnx_path, path, inputs.calibration, qdq_settings(inputs.config, method))
+            scores = agreement(GraphEmulator(path)(inputs.heldout), reference)
+            candidates.append({"method": method, **scores})
+    usable = [c for c in candidates if np.isfinite(c["logit_abs_err_mean"])] or candidates
+    best = max(usable, key=lambda c: (c["top1_agreement"], -c["logit_abs_err_mean"]))
+    log(
+        f"  tensorrt/int8: calibration {best['method']} (held-out agreement with FP32 "
+        f"{best['top1_agreement']:.1f} %: "
+        + ", ".join(f"{c['method']} {c['top1_agreement']:.1f}" for c in candidates)
+        + ")"
+    )
+    return {
+        "chosen": best["method"],
+        "heldout_images": int(len(inputs.heldout)),
+        "scored_by": "top-1 agreement with the FP32 export (then mean |dlogit|), FP16 graph emulator, held-out split",
+        "candidates": candidates,
+    }
 
 
 def sort_topologically(model_path: Path) -> None:
