@@ -199,7 +199,10 @@ def remote_latency(
     result = {"host": answer["host"], "transfer": answer["transfer"], "batch": batch}
     if "unavailable" in answer:
         return {**result, "seconds": [], "label": UNAVAILABLE, "reason": answer["unavailable"], "runtime": {}}
-    return {**result, "seconds": answer["seconds"], "label": MEASURED, "runtime": answer["runtime"]}
+    result.update({"seconds": answer["seconds"], "label": MEASURED, "runtime": answer["runtime"]})
+    if answer.get("gpu_compute_seconds"):
+        result["gpu_compute_seconds"] = answer["gpu_compute_seconds"]
+    return result
 
 
 def remote_logits(

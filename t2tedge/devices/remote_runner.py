@@ -209,6 +209,8 @@ class Model:
         self.fixed_batch = fixed_batch
         self.input_shape = input_shape  # (C, H, W)
         self.facts = facts
+        # runtimes that time the device itself (TensorRT: CUDA events) append one entry per run() here
+        self.gpu_seconds = None
 
     def __call__(self, images):
         import numpy as np
@@ -291,6 +293,7 @@ class _Cuda:
                 continue
         else:
             raise Unavailable("tensorrt: libcudart (CUDA runtime) not found on {device}")
+        self.lib.cudaEventElapsedTime.argtypes = [ctypes.POINTER(ctypes.c_float), ctypes.c_void_p, ctypes.c_void_p]
         self.stream = ctypes.c_void_p()
         self._check(self.lib.cudaStreamCreate(ctypes.byref(self.stream)), "cudaStreamCreate")
 
@@ -303,11 +306,34 @@ class _Cuda:
         self._check(self.lib.cudaMalloc(ctypes.byref(pointer), ctypes.c_size_t(nbytes)), "cudaMalloc")
         return pointer.value
 
-    def copy(self, dst, src, nbytes: int, kind: int) -> None:
+    def pinned(self, nbytes: int, dtype):
+        """A page-locked host buffer as a flat numpy array (what trtexec copies from and to)."""
+        import numpy as np
+
+        pointer = ctypes.c_void_p()
+        self._check(self.lib.cudaHostAlloc(ctypes.byref(pointer), ctypes.c_size_t(nbytes), 0), "cudaHostAlloc")
+        return np.frombuffer((ctypes.c_char * nbytes).from_address(pointer.value), dtype=dtype)
+
+    def copy_async(self, dst, src, nbytes: int, kind: int) -> None:
         self._check(
-            self.lib.cudaMemcpy(ctypes.c_void_p(dst), ctypes.c_void_p(src), ctypes.c_size_t(nbytes), kind),
-            "cudaMemcpy",
+            self.lib.cudaMemcpyAsync(
+                ctypes.c_void_p(dst), ctypes.c_void_p(src), ctypes.c_size_t(nbytes), kind, self.stream
+            ),
+            "cudaMemcpyAsync",
         )
+
+    def event(self):
+        event = ctypes.c_void_p()
+        self._check(self.lib.cudaEventCreate(ctypes.byref(event)), "cudaEventCreate")
+        return event
+
+    def record(self, event) -> None:
+        self._check(self.lib.cudaEventRecord(event, self.stream), "cudaEventRecord")
+
+    def elapsed_ms(self, start, end) -> float:
+        ms = ctypes.c_float()
+        self._check(self.lib.cudaEventElapsedTime(ctypes.byref(ms), start, end), "cudaEventElapsedTime")
+        return float(ms.value)
 
     def synchronize(self) -> None:
         self._check(self.lib.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
@@ -344,32 +370,49 @@ def load_tensorrt(directory: str, request: dict) -> Model:
     shape = list(compiled.get_tensor_shape(inp))
     fixed = shape[0] if shape[0] > 0 else None
     in_type, out_type = trt.nptype(compiled.get_tensor_dtype(inp)), trt.nptype(compiled.get_tensor_dtype(out))
+    # Like trtexec: device buffers and page-locked host buffers allocated once (grown, never per iteration),
+    # async copies on one stream, CUDA events around the enqueue for the GPU compute time.
     buffers = {}
+    events = [cuda.event() for _ in range(2)]
+    gpu_seconds = []
+
+    def ensure(name, nbytes, dtype):
+        if buffers.get(name, (0, 0, None))[1] < nbytes:
+            buffers[name] = (cuda.malloc(nbytes), nbytes, cuda.pinned(nbytes, dtype))
+            context.set_tensor_address(name, buffers[name][0])
+        return buffers[name]
 
     def run(x):
         x = np.ascontiguousarray(x, dtype=in_type)
         context.set_input_shape(inp, tuple(x.shape))
-        y = np.empty(tuple(context.get_tensor_shape(out)), dtype=out_type)
-        for name, array in ((inp, x), (out, y)):
-            if buffers.get(name, (0, 0))[1] < array.nbytes:
-                buffers[name] = (cuda.malloc(array.nbytes), array.nbytes)
-            context.set_tensor_address(name, buffers[name][0])
+        out_shape = tuple(context.get_tensor_shape(out))
+        out_count = int(np.prod(out_shape))
+        y_bytes = out_count * np.dtype(out_type).itemsize
+        device_in, _, host_in = ensure(inp, x.nbytes, in_type)
+        device_out, _, host_out = ensure(out, y_bytes, out_type)
+        host_in[: x.size] = x.ravel()
         # Per iteration: copy in, execute, copy out, synchronized: trtexec's end-to-end "Latency".
-        cuda.copy(buffers[inp][0], x.ctypes.data, x.nbytes, cuda.H2D)
+        cuda.copy_async(device_in, host_in.ctypes.data, x.nbytes, cuda.H2D)
+        cuda.record(events[0])
         if not context.execute_async_v3(cuda.stream.value):
             raise Failure("error", "TensorRT inference failed")
-        cuda.copy(y.ctypes.data, buffers[out][0], y.nbytes, cuda.D2H)
+        cuda.record(events[1])
+        cuda.copy_async(host_out.ctypes.data, device_out, y_bytes, cuda.D2H)
         cuda.synchronize()
-        return y.astype(np.float32)
+        gpu_seconds.append(cuda.elapsed_ms(events[0], events[1]) / 1000.0)  # trtexec's "GPU Compute Time"
+        return host_out[:out_count].reshape(out_shape).astype(np.float32)
 
     facts = {
         "runtime": "tensorrt",
         "version": trt.__version__,
         "gpu": gpu,
         "engine": {"cache_key": key[:16], "built_now": built_now, "precision": request["build"].get("precision")},
-        "timing": "host->device copy + execute_async_v3 + device->host copy per iteration (trtexec 'Latency')",
+        "timing": "pinned host buffers; host->device copy + execute_async_v3 + device->host copy per iteration "
+        "(trtexec 'Latency'); CUDA events around execute_async_v3 (trtexec 'GPU Compute Time')",
     }
-    return Model(run, fixed, [d if d > 0 else None for d in shape[1:]], facts)
+    model = Model(run, fixed, [d if d > 0 else None for d in shape[1:]], facts)
+    model.gpu_seconds = gpu_seconds
+    return model
 
 
 def load_coreml(directory: str, request: dict) -> Model:
@@ -463,6 +506,8 @@ def run(request: dict) -> dict:
     answer = {"ok": True, "host": facts, "runtime": model.facts}
     if request["mode"] == "latency":
         answer["seconds"] = latency(model, request)
+        if model.gpu_seconds is not None:
+            answer["gpu_compute_seconds"] = model.gpu_seconds[-len(answer["seconds"]) :]
     else:
         answer["logits_npy_b64"] = logits(model, _safe(workdir, request["images"]))
     return answer

@@ -169,6 +169,9 @@ def _bench_remote(
         }
         if result["label"] == MEASURED:
             record.update(summarize(result["seconds"], batch))
+            if result.get("gpu_compute_seconds"):  # TensorRT: CUDA-event time of the enqueue, like trtexec
+                gpu = summarize(result["gpu_compute_seconds"], batch)
+                record["gpu_compute"] = {k: v for k, v in gpu.items() if k.startswith("latency_ms")}
             _efficiency(record, manifest, None)  # no peak GEMM is measured on devices
         else:
             record["reason"] = result.get("reason", "")

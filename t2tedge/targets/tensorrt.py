@@ -99,13 +99,25 @@ class TensorRTRunner:
         self.input_name = next(n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT)
         self.output_name = next(n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT)
         shape = tuple(self.engine.get_tensor_shape(self.input_name))
-        self.fixed_batch = shape[0] >= 0
-        self.max_batch = (
-            shape[0] if self.fixed_batch else self.engine.get_tensor_profile_shape(self.input_name, 0)[2][0]
-        )
+        self.fixed_batch: int | None = shape[0] if shape[0] > 0 else None
+        self.max_batch = self.fixed_batch or self.engine.get_tensor_profile_shape(self.input_name, 0)[2][0]
         dtypes = {trt.DataType.FLOAT: torch.float32, trt.DataType.HALF: torch.float16}
         self.input_dtype = dtypes[self.engine.get_tensor_dtype(self.input_name)]
         self.output_dtype = dtypes[self.engine.get_tensor_dtype(self.output_name)]
+        # As trtexec: buffers allocated once for the largest batch (device and page-locked host), async
+        # copies on one stream, CUDA events around the enqueue for the GPU compute time of each call.
+        in_shape = (self.max_batch, *shape[1:])
+        self.context.set_input_shape(self.input_name, in_shape)
+        out_shape = tuple(self.context.get_tensor_shape(self.output_name))
+        self.device_in = torch.empty(in_shape, dtype=self.input_dtype, device="cuda")
+        self.device_out = torch.empty(out_shape, dtype=self.output_dtype, device="cuda")
+        self.host_in = torch.empty(in_shape, dtype=self.input_dtype).pin_memory()
+        self.host_out = torch.empty(out_shape, dtype=self.output_dtype).pin_memory()
+        self.context.set_tensor_address(self.input_name, self.device_in.data_ptr())
+        self.context.set_tensor_address(self.output_name, self.device_out.data_ptr())
+        self.stream = torch.cuda.Stream()
+        self.events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+        self.gpu_seconds: list[float] = []
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         torch = self.torch
@@ -113,20 +125,22 @@ class TensorRTRunner:
         for start in range(0, len(images), self.max_batch):
             chunk = np.ascontiguousarray(images[start : start + self.max_batch], dtype=np.float32)
             count = len(chunk)
-            if self.fixed_batch and count < self.max_batch:  # pad the last chunk of a fixed-batch engine
-                chunk = np.concatenate([chunk, np.zeros((self.max_batch - count, *chunk.shape[1:]), np.float32)])
-            x = torch.from_numpy(chunk).to("cuda", self.input_dtype)
-            self.context.set_input_shape(self.input_name, tuple(x.shape))
-            y = torch.empty(
-                tuple(self.context.get_tensor_shape(self.output_name)), dtype=self.output_dtype, device="cuda"
-            )
-            self.context.set_tensor_address(self.input_name, x.data_ptr())
-            self.context.set_tensor_address(self.output_name, y.data_ptr())
-            stream = torch.cuda.current_stream()
-            if not self.context.execute_async_v3(stream.cuda_stream):
-                raise T2tedgeError("TensorRT inference failed")
-            stream.synchronize()
-            outputs.append(y[:count].float().cpu().numpy())
+            batch = self.max_batch if self.fixed_batch else count  # a fixed-batch engine runs padded chunks
+            self.context.set_input_shape(self.input_name, (batch, *chunk.shape[1:]))
+            self.host_in[:count].copy_(torch.from_numpy(chunk))
+            if batch > count:
+                self.host_in[count:batch].zero_()
+            rows = self.context.get_tensor_shape(self.output_name)[0]
+            with torch.cuda.stream(self.stream):
+                self.device_in[:batch].copy_(self.host_in[:batch], non_blocking=True)
+                self.events[0].record(self.stream)
+                if not self.context.execute_async_v3(self.stream.cuda_stream):
+                    raise T2tedgeError("TensorRT inference failed")
+                self.events[1].record(self.stream)
+                self.host_out[:rows].copy_(self.device_out[:rows], non_blocking=True)
+            self.stream.synchronize()
+            self.gpu_seconds.append(self.events[0].elapsed_time(self.events[1]) / 1000.0)
+            outputs.append(self.host_out[:count].float().numpy().copy())
         return np.concatenate(outputs)
 
 
