@@ -33,6 +33,9 @@ class Row:
     latency: dict[str, dict[str, Any]] = field(default_factory=dict)  # host -> record at the primary point
     sweep: list[dict[str, Any]] = field(default_factory=list)  # every measured point, every host
     runtime: dict[str, Any] = field(default_factory=dict)
+    # the FP16 range check of an accelerator build (targets that run FP16 wherever a layer is not INT8)
+    fp16_range: dict[str, Any] = field(default_factory=dict)
+    fp32_layers: list[str] = field(default_factory=list)
 
     @property
     def top1(self) -> float | None:
@@ -136,6 +139,8 @@ def _row(artifact: Artifact, item: dict[str, Any], point: dict[str, Any], models
         latency=latency,
         sweep=sweep,
         runtime=next((r.get("runtime", {}) for r in latency.values() if r.get("runtime")), {}),
+        fp16_range=manifest.get("build", {}).get("fp16_range") or {},
+        fp32_layers=(manifest.get("build", {}).get("fp32_layers") or {}).get("nodes", []),
     )
 
 

@@ -64,6 +64,34 @@ def target_table(data: ReportData, target: str) -> str:
     return table(header, rows)
 
 
+def target_notes(data: ReportData, target: str) -> list[str]:
+    """How a target's emulated numbers were computed, and its FP16 range check, under its table."""
+    rows = [r for r in data.rows if r.target == target]
+    notes = []
+    arithmetic = dict.fromkeys(r.accuracy["note"] for r in rows if r.accuracy.get("note"))
+    if arithmetic:
+        notes.append("Emulated accuracy, arithmetic used:\n" + "\n".join(f"- {a}" for a in arithmetic))
+    checked = [r for r in rows if r.fp16_range]
+    if checked:
+        lines = []
+        for r in checked:
+            check = r.fp16_range
+            outside = check.get("outside_fp16", [])
+            where = f" ({check.get('widest_tensor')})" if check.get("widest_tensor") else ""
+            line = (
+                f"- {r.model} {r.precision}: largest |value| {check.get('max_abs', 0):.4g}{where} on "
+                f"{check.get('images')} calibration images; {len(outside)} tensors beyond FP16's 65504"
+            )
+            if outside:
+                names = ", ".join(f"`{o['tensor']}` ({o['max_abs']:.3g})" for o in outside[:3])
+                line += f": {names}{' …' if len(outside) > 3 else ''}"
+            if r.fp32_layers:
+                line += f"; {len(r.fp32_layers)} layers pinned to FP32"
+            lines.append(line)
+        notes.append("FP16 range check (every float tensor, computed in FP32):\n" + "\n".join(lines))
+    return notes
+
+
 def _precision(row: Row) -> str:
     used = row.runtime.get("inference_precision")
     return f"{row.precision} (runs {used})" if used and used not in row.precision else row.precision
@@ -182,6 +210,6 @@ def render(data: ReportData, headline: list[dict[str, Any]], plots: dict[str, st
     if not plots:
         parts.append("_No measured latency on any host, so no plots._")
     for target in dict.fromkeys(r.target for r in data.rows):
-        parts += [f"## {target}", target_table(data, target)]
+        parts += [f"## {target}", target_table(data, target), *target_notes(data, target)]
     parts += ["## Models: counted vs the paper", models_table(data), "## Provenance", provenance(data)]
     return "\n\n".join(parts) + "\n"
