@@ -98,6 +98,16 @@ class CoreMlConfig(_Strict):
     compute_units: Literal["ALL", "CPU_ONLY", "CPU_AND_NE", "CPU_AND_GPU"] = Field(
         "ALL", description="used where Core ML can run (macOS)"
     )
+    soft_split: Literal["unfold", "gather"] = Field(
+        "unfold",
+        description="T2T-ViT soft splits: unfold (nn.Unfold, converted to one-hot convolutions the Neural Engine "
+        "runs) or gather (the model's export_form(): one row gather per split)",
+    )
+    float_modules: list[str] = Field(
+        default_factory=list,
+        description="w8a8: module-path glob patterns whose own ops stay float (FP16); modules inside them that "
+        "no pattern matches stay int8",
+    )
 
 
 class QuantizationConfig(_Strict):

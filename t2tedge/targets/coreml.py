@@ -3,14 +3,21 @@
 fp32 / fp16 convert the FP32 model's `torch.export` program (fixed 1x3xSxS input). int8-weights
 quantizes the fp16 program's weights (symmetric, per-channel int8, `linear_quantize_weights`). w8a8
 calibrates coremltools' torch-side `LinearQuantizer` on real images and converts the resulting
-quantize/dequantize graph. Core ML cannot predict off macOS, so every build also saves a torch program
-doing the artifact's math (`emulation.pt2`); there `load()` runs it and its numbers are `emulated`.
+quantize/dequantize graph, with int8 activations. Core ML cannot predict off macOS, so every build also
+saves a torch program doing the artifact's math (`emulation.pt2`); there `load()` runs it and its
+numbers are `emulated`.
+
+The Neural Engine has no FP32: every op of an fp16, int8-weights or w8a8 package runs in FP16 unless it
+is int8, and there is no fp32 fallback to pin an op to. So those builds run their emulation in half
+precision on the calibration images first (`audit_fp16`) and stop if any tensor leaves FP16's range;
+the manifest holds that record (`fp16_range`) and the package's MIL ops by output dtype.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import fnmatch
 import hashlib
 import io
 import logging
@@ -26,7 +33,7 @@ from torch import nn
 
 from t2tedge.errors import T2tedgeError
 from t2tedge.pipeline.store import Artifact, sha256_file
-from t2tedge.progress import track
+from t2tedge.progress import log, track
 from t2tedge.targets.base import Availability, BuildInputs, check_precision, register_target
 
 PACKAGE = "model.mlpackage"
@@ -39,13 +46,19 @@ WEIGHT_THRESHOLD = 2048
 QUANTIZED_OPS = ("constexpr_affine_dequantize", "constexpr_blockwise_shift_scale", "quantize", "dequantize")
 DYNAMIC_SHAPE_KEYS = ("dynamic_batch", "dynamic_shapes", "flexible_shapes")
 CALIBRATION_BATCH = 32
-# Ops renamed with this prefix stay fp32 in fp16 programs (see _fp32_scopes).
-FP32_TAG = "t2tedge_fp32__"
+SOFT_SPLITS = ("unfold", "gather")
+# The Neural Engine's int8-int8 path (coremltools' W8A8 docs) takes signed int8 activations.
+ACTIVATION_DTYPE = "int8"
+# Ops that hold or reshape data rather than compute: not counted as fp32 compute in a package.
+NOT_COMPUTE_OPS = ("const", "cast")
 EMULATIONS = {
     "fp32": "torch fp32 (the model Core ML was converted from)",
-    "fp16": "torch float16 math on CPU (fp32 accumulation in convolutions), fp32 where the package keeps fp32",
+    "fp16": "torch float16 on CPU: every op computes in fp32 and rounds its result to float16 "
+    "(convolutions: float16 inputs and weights, fp32 accumulation)",
     "int8-weights": "torch dequantized int8 weights, float16 math on CPU as for fp16",
-    "w8a8": "torch fake-quant (w8a8): the converted quantize/dequantize graph, fp32 between them",
+    "w8a8": "torch fake-quant (w8a8) in float16: the converted quantize/dequantize graph with int8 activations "
+    "quantized from float16 values with float16-rounded scales and dequantized to float16, int8 per-channel "
+    "weights dequantized once and rounded to float16, every float op as for fp16",
 }
 
 
@@ -144,7 +157,7 @@ class CoreMLTarget:
         return Availability(True, True)
 
     def needs_calibration(self, precision: str) -> bool:
-        return precision == "w8a8"
+        return precision != "fp32"  # w8a8 calibrates on them, and every FP16 package's range check reads them
 
     def tool_versions(self) -> dict[str, str]:
         return {"coremltools": _coremltools().__version__, "torch": torch.__version__}
@@ -165,25 +178,35 @@ class CoreMLTarget:
         compute_units = config.get("compute_units", "ALL")
         if compute_units not in ct.ComputeUnit.__members__:
             raise T2tedgeError(f"coreml compute_units must be one of {', '.join(ct.ComputeUnit.__members__)}")
+        soft_split = config.get("soft_split", "unfold")
+        if soft_split not in SOFT_SPLITS:
+            raise T2tedgeError(f"coreml soft_split must be 'unfold' or 'gather', not {soft_split!r}")
         input_type, input_facts = _input_type(ct, config, inputs.image_size)
+        calibration = inputs.calibration
+        if precision != "fp32" and (calibration is None or len(calibration) == 0):
+            raise T2tedgeError(f"coreml {precision} needs calibration images (the FP16 range check reads them)")
 
-        model = copy.deepcopy(inputs.torch_model).float().eval()
+        model, facts = _model_form(copy.deepcopy(inputs.torch_model).float().eval(), soft_split)
         example = torch.zeros(1, 3, inputs.image_size, inputs.image_size)
-        scopes = _fp32_scopes(model)
-        facts: dict[str, Any] = {}
         if precision == "w8a8":
-            model, facts["quantization"] = _calibrated_w8a8(model, inputs.calibration, config, scopes)
+            float_modules = [str(p) for p in config.get("float_modules") or []]
+            model, facts["quantization"] = _calibrated_w8a8(model, calibration, config, float_modules)
+        # What the package computes, in torch: the range check runs it before the (slower) conversion.
+        if precision == "fp32":
+            emulated = model
+        elif precision == "w8a8":
+            emulated = _float16_w8a8(model)
+        else:
+            # int8-weights: the fp32 round trip of what Core ML quantizes (kept to check against the package)
+            dequantized = _dequantized_int8_weights(copy.deepcopy(model)) if precision == "int8-weights" else model
+            emulated = _float16_emulation(copy.deepcopy(dequantized))
+        if precision != "fp32":
+            facts["fp16_range"] = _fp16_range_check(emulated, calibration, precision)
+
         with torch.no_grad():
             program = torch.export.export(model, (example,)).run_decompositions({})
         if precision == "w8a8":
             _register_quantize_per_channel()
-        if precision == "fp32":
-            compute_precision = ct.precision.FLOAT32
-        elif scopes:
-            facts["fp32_scopes"] = {"modules": scopes, "ops": _tag_fp32_ops(program, scopes), "why": FP32_WHY}
-            compute_precision = ct.transform.FP16ComputePrecision(op_selector=lambda op: FP32_TAG not in op.name)
-        else:
-            compute_precision = ct.precision.FLOAT16
         with _no_progress_bars():
             mlmodel = ct.convert(
                 program,
@@ -191,7 +214,7 @@ class CoreMLTarget:
                 outputs=[ct.TensorType(name=OUTPUT_NAME, dtype=np.float32)],
                 convert_to="mlprogram",
                 minimum_deployment_target=deployment,
-                compute_precision=compute_precision,
+                compute_precision=ct.precision.FLOAT32 if precision == "fp32" else ct.precision.FLOAT16,
             )
         if precision == "int8-weights":
             opt = ct.optimize.coreml
@@ -201,21 +224,25 @@ class CoreMLTarget:
             with _no_progress_bars():
                 mlmodel = opt.linear_quantize_weights(mlmodel, config=opt.OptimizationConfig(global_config=op_config))
         histogram = _op_histogram(mlmodel._mil_program)
+        by_dtype = _ops_by_dtype(mlmodel._mil_program)
         quantized = {op: histogram[op] for op in QUANTIZED_OPS if op in histogram}
-        if precision == "w8a8" and not (quantized.get("quantize") and quantized.get("dequantize")):
-            raise T2tedgeError("coreml w8a8: the converted program has no activation quantize/dequantize ops")
+        if precision == "w8a8":
+            if not (quantized.get("quantize") and quantized.get("dequantize")):
+                raise T2tedgeError("coreml w8a8: the converted program has no activation quantize/dequantize ops")
+            activation_dtypes = by_dtype["quantize"]
+            if set(activation_dtypes) != {ACTIVATION_DTYPE}:
+                raise T2tedgeError(
+                    f"coreml w8a8: the package's quantize ops output {activation_dtypes}; the Neural Engine's "
+                    f"int8 path takes {ACTIVATION_DTYPE} activations"
+                )
+            facts["quantization"]["activation_dtypes"] = activation_dtypes
         if precision == "int8-weights" and not quantized:
             raise T2tedgeError("coreml int8-weights: no weight was large enough to quantize")
+        if precision == "int8-weights":
+            facts["emulation_weight_check"] = _weight_check(mlmodel._mil_program, dequantized)
         mlmodel.save(str(out_dir / PACKAGE))
-
-        if precision in ("fp32", "w8a8"):
-            emulation = _export_any_batch(model, example)
-        else:
-            if precision == "int8-weights":
-                model = _dequantized_int8_weights(model)
-                facts["emulation_weight_check"] = _weight_check(mlmodel._mil_program, model)
-            emulation = _export_any_batch(_float16_emulation(model, scopes), example.half())
-        torch.export.save(emulation, str(out_dir / EMULATION_FILE))
+        example_in = example if precision == "fp32" else example.half()
+        torch.export.save(_export_any_batch(emulated, example_in), str(out_dir / EMULATION_FILE))
 
         return {
             **facts,
@@ -228,6 +255,8 @@ class CoreMLTarget:
             "input": {"name": INPUT_NAME, "shape": [1, 3, inputs.image_size, inputs.image_size], **input_facts},
             "output": OUTPUT_NAME,
             "mil_ops": histogram,
+            "mil_ops_by_dtype": by_dtype,
+            "fp32_compute_ops": _fp32_compute_ops(mlmodel._mil_program),
             "quantized_ops": quantized,
             "emulation": EMULATIONS[precision],
             "emulation_file": EMULATION_FILE,
@@ -276,55 +305,31 @@ def _input_type(ct: Any, config: dict[str, Any], size: int) -> tuple[Any, dict[s
     return image, {"type": "image", "mean": mean, "std": std, "std_used": std_used}
 
 
-FP32_WHY = (
-    "Performer kernel math overflows fp16: exp features reach ~1e5 and the normalizer ~1e8 on trained "
-    "weights (fp16 max 65504), and tiny normalizers flush to zero"
-)
+def _model_form(model: nn.Module, soft_split: str) -> tuple[nn.Module, dict[str, Any]]:
+    """The model Core ML converts: its own forward (`unfold`) or, for `gather`, its `export_form()`.
 
-
-def _fp32_scopes(model: nn.Module) -> list[str]:
-    """Modules whose own ops (not their child layers) must not run in fp16 or 8-bit: T2T-ViT's Performers."""
-    from t2tedge.models.t2t_vit import TokenPerformer
-
-    return [name for name, module in model.named_modules() if isinstance(module, TokenPerformer)]
-
-
-def _tag_fp32_ops(program: torch.export.ExportedProgram, scopes: list[str]) -> int:
-    """Rename the ops a scope runs itself so the fp16 pass can leave them fp32 (MIL op names keep the prefix)."""
-    tagged = 0
-    for node in program.graph.nodes:
-        stack = node.meta.get("nn_module_stack")
-        is_output = any(user.op == "output" for user in node.users)
-        if node.op == "call_function" and stack and not is_output and list(stack.values())[-1][0] in scopes:
-            node._rename(FP32_TAG + node.name)
-            tagged += 1
-    program.graph_module.recompile()
-    return tagged
-
-
-def _float16_emulation(model: nn.Module, scopes: list[str]) -> nn.Module:
-    """The model in float16 math, except the scopes' own ops in fp32 (their child layers stay float16).
-
-    Convolutions compute in fp32 on their fp16 inputs and weights and round the result to fp16 (what an
-    fp16 kernel with fp32 accumulators gives): torch's CPU float16 convolution is a slow reference loop.
+    T2T-ViT's own soft splits are `nn.Unfold`, which coremltools converts to one-hot convolutions (Neural
+    Engine ops); its export form is the same function with one row gather per split.
     """
-    own = {}
-    for scope in scopes:
-        module = model.get_submodule(scope)
-        tensors = [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
-        own[scope] = {name: tensor.detach().clone() for name, tensor in tensors}
+    if soft_split == "unfold":
+        return model, {"soft_split": "unfold"}
+    export_form = getattr(model, "export_form", None)
+    if export_form is None:
+        note = "gather was asked for, but the model has no export_form(): its own forward was converted"
+        return model, {"soft_split": "unfold", "soft_split_note": note}
+    return export_form().eval(), {"soft_split": "gather"}
+
+
+def _float16_emulation(model: nn.Module) -> nn.Module:
+    """The model in float16 math, in place.
+
+    Convolutions compute in fp32 on their fp16 inputs and weights and round the result to fp16: what
+    torch's CPU float16 convolution computes too (bit for bit on MobileNetV2 here), several times faster.
+    """
     model.half()
     for module in model.modules():
         if isinstance(module, nn.modules.conv._ConvNd):
             _cast_io(module.float(), inside=torch.float32, outside=torch.float16)  # weights stay fp16-rounded
-    for scope in scopes:
-        module = model.get_submodule(scope).float()
-        with torch.no_grad():
-            for name, value in own[scope].items():
-                getattr(module, name).copy_(value)  # exact: the Performer's eps (1e-8) is 0 in float16
-        _cast_io(module, inside=torch.float32, outside=torch.float16)
-        for child in module.children():
-            _cast_io(child.half(), inside=torch.float16, outside=torch.float32)
     return model
 
 
@@ -333,12 +338,69 @@ def _cast_io(module: nn.Module, inside: torch.dtype, outside: torch.dtype) -> No
     module.register_forward_hook(lambda _m, _args, out: out.to(outside))
 
 
+def _fp16_range_check(model: nn.Module, images: np.ndarray, precision: str) -> dict[str, Any]:
+    """Run the float16 emulation on the calibration images; stop the build if a tensor leaves FP16's range."""
+    from t2tedge.emulation import audit_fp16
+
+    log(f"  coreml/{precision}: FP16 range check on {len(images)} calibration images")
+    _, record = audit_fp16(model, images, batch_size=CALIBRATION_BATCH)
+    if record["outside_fp16"]:
+        first = record["outside_fp16"][0]
+        module = _module_running_op(model, images, int(first["tensor"].split(":")[0]))
+        where = f" (in module {module})" if module else ""
+        value = f"{first['max_abs']:.4g}"
+        if first["nonfinite"]:
+            value = f"inf/nan ({first['nonfinite']} values; largest finite {value})"
+        raise T2tedgeError(
+            f"coreml {precision}: ATen op {first['tensor']}{where} leaves FP16's range on the calibration images "
+            f"(max |value| {value}); the Neural Engine computes in FP16, so there is no FP32 fallback to pin it to"
+        )
+    return record
+
+
+def _module_running_op(model: nn.Module, images: np.ndarray, index: int) -> str | None:
+    """The innermost module whose forward runs the index-th ATen op of a forward, as audit_fp16 numbers them.
+
+    The audit counts every ATen op of one forward in call order; a rerun of the same batch under a
+    dispatch mode counting the same way, with the module stack kept by hooks, finds where that op runs.
+    """
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    stack = [""]
+    found: list[str] = []
+
+    class Locate(TorchDispatchMode):
+        calls = 0
+
+        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+            if self.calls == index:
+                found.append(stack[-1])
+            self.calls += 1
+            return func(*args, **(kwargs or {}))
+
+    def enter(name: str) -> Any:
+        return lambda _module, _args: stack.append(name)
+
+    def leave(_module: nn.Module, _args: Any, _out: Any) -> None:
+        stack.pop()
+
+    handles = []
+    for name, module in model.named_modules():
+        if name:  # registered after the modules' own hooks, so a layer's output cast counts as the layer's
+            handles += [module.register_forward_pre_hook(enter(name)), module.register_forward_hook(leave)]
+    try:
+        with torch.no_grad(), Locate():
+            model(torch.from_numpy(images[:CALIBRATION_BATCH]).half())
+    finally:
+        for handle in handles:
+            handle.remove()
+    return found[0] if found and found[0] else None
+
+
 def _calibrated_w8a8(
-    model: nn.Module, calibration: np.ndarray | None, config: dict[str, Any], float_scopes: list[str]
+    model: nn.Module, calibration: np.ndarray, config: dict[str, Any], float_modules: list[str]
 ) -> tuple[Any, dict]:
     """coremltools' LinearQuantizer calibrated on real images, as a plain-tensor quantize/dequantize graph."""
-    if calibration is None or len(calibration) == 0:
-        raise T2tedgeError("coreml w8a8 needs calibration images")
     import torch.ao.quantization as aoq
     from coremltools.optimize.torch.quantization import LinearQuantizer, LinearQuantizerConfig
     from coremltools.optimize.torch.quantization import ModuleLinearQuantizerConfig as OpConfig
@@ -350,21 +412,23 @@ def _calibrated_w8a8(
     from torch.ao.quantization.quantize_fx import _convert_to_reference_decomposed_fx
 
     op_config = OpConfig(quantization_scheme="symmetric", activation_observer="min_max", weight_observer="min_max")
-    # The Performer's kernel math stays float (see _fp32_scopes): a per-tensor 8-bit normalizer also
-    # rounds small values to zero and the division blows up. Its Linear layers are int8.
-    by_name: dict[str, OpConfig | None] = {}
-    for scope in float_scopes:
-        by_name[scope] = None
-        for child, module in model.get_submodule(scope).named_modules():
-            if isinstance(module, (nn.Linear, nn.Conv2d)):
-                by_name[f"{scope}.{child}"] = op_config
+    by_name, floats = _float_module_configs(model, float_modules, op_config)
     quantizer = LinearQuantizer(model, LinearQuantizerConfig(global_config=op_config, module_name_configs=by_name))
     prepared = quantizer.prepare(example_inputs=(torch.from_numpy(calibration[:1]),))
     prepared.eval()  # batch norm on its running statistics; the observers still record
+    scalars = _drop_scalar_observers(prepared, torch.from_numpy(calibration[:1]))
+    activation_quantizers = _signed_int8_activations(prepared)
     batches = range(0, len(calibration), CALIBRATION_BATCH)
+    finite = True
     with torch.no_grad():
         for start in track(batches, "coreml w8a8 calibration", total=len(batches)):
-            prepared(torch.from_numpy(calibration[start : start + CALIBRATION_BATCH]))
+            out = prepared(torch.from_numpy(calibration[start : start + CALIBRATION_BATCH]))
+            finite = finite and bool(torch.isfinite(out).all())
+    if not finite:
+        raise T2tedgeError(
+            "coreml w8a8: with 8-bit activations the model's outputs are not finite on the calibration images "
+            "(in fp32, so not an FP16 overflow); keep the modules whose math breaks float: coreml.float_modules"
+        )
     prepared.apply(aoq.disable_observer)
     reference = _convert_to_reference_decomposed_fx(
         prepared, qconfig_mapping=quantizer._qconfig_mapping, backend_config=get_backend_config()
@@ -376,10 +440,145 @@ def _calibrated_w8a8(
     return reference, {
         **facts,
         "weights": "int8 symmetric per-channel",
-        "activations": "uint8 symmetric (zero point 128 for signed tensors, 0 for non-negative)",
-        "float_scopes": float_scopes,
+        "activations": "int8 symmetric per-tensor",
+        "activation_quantizers": activation_quantizers,
+        "scalar_observers_dropped": scalars,
+        "float_module_patterns": float_modules,
+        "float_modules": floats,
         "calibration_images": len(calibration),
     }
+
+
+def _float_module_configs(model: nn.Module, patterns: list[str], op_config: Any) -> tuple[dict[str, Any], list[str]]:
+    """LinearQuantizer module_name_configs for `coreml.float_modules` (module-path globs).
+
+    A matching module's own ops (its forward's arithmetic) stay float; a module inside it that no pattern
+    matches keeps the global config, so e.g. the Linear layers of a float block still run int8.
+    """
+    names = [name for name, _ in model.named_modules() if name]
+    floats = [name for name in names if any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)]
+    configs: dict[str, Any] = dict.fromkeys(floats)
+    for name in names:
+        if name not in configs and any(name.startswith(f"{scope}.") for scope in floats):
+            configs[name] = op_config
+    return configs, floats
+
+
+def _drop_scalar_observers(prepared: torch.fx.GraphModule, example: torch.Tensor) -> int:
+    """Remove the activation observers the trace put on Python numbers; returns how many.
+
+    FX traces arithmetic on a tensor's shape (a scale of 1 / sqrt(tokens)) as graph values, and the
+    quantizer observes them like activations: a number has no range to calibrate, and neither the
+    observer nor the converted quantize op accepts one.
+    """
+    import torch.ao.quantization as aoq
+
+    scalars: list[torch.fx.Node] = []
+
+    class Finder(torch.fx.Interpreter):
+        def run_node(self, node: torch.fx.Node) -> Any:
+            if node.op == "call_module" and isinstance(self.module.get_submodule(node.target), aoq.FakeQuantizeBase):
+                (value,), _ = self.fetch_args_kwargs_from_env(node)
+                if not torch.is_tensor(value):
+                    scalars.append(node)
+                    return value
+            return super().run_node(node)
+
+    with torch.no_grad():
+        Finder(prepared).run(example)
+    for node in scalars:
+        node.replace_all_uses_with(node.args[0])
+        prepared.graph.erase_node(node)
+    prepared.recompile()
+    return len(scalars)
+
+
+def _signed_int8_activations(prepared: nn.Module) -> int:
+    """Make every activation quantizer symmetric int8 ([-128, 127], zero point 0); returns how many.
+
+    coremltools' quantizer observes activations as quint8: zero point 128 for signed tensors (MIL turns
+    a quantize -> dequantize pair of those into int8, but not one with a reshape between them) and
+    zero point 0 for tensors it knows are non-negative (after ReLU, sigmoid-like ops). The Neural
+    Engine's int8 path takes signed int8, so the observers record int8 ranges directly; a non-negative
+    tensor then uses int8's [0, 127] (one bit less resolution than uint8 there).
+    """
+    import torch.ao.quantization as aoq
+
+    low, high = torch.iinfo(torch.int8).min, torch.iinfo(torch.int8).max
+    changed = 0
+    for module in prepared.modules():
+        if not isinstance(module, aoq.FakeQuantizeBase) or module.dtype != torch.quint8:
+            continue  # weights are qint8 already
+        observer = module.activation_post_process
+        if isinstance(module, aoq.FixedQParamsFakeQuantize):
+            # the same represented range (sigmoid's [0, 1)), on int8 levels about 0
+            zero_point, scale = int(module.zero_point), float(module.scale)
+            reach = max(zero_point - module.quant_min, module.quant_max - zero_point) * scale
+            for holder in (module, observer):
+                holder.scale.fill_(reach / high)
+                holder.zero_point.fill_(0)
+        else:
+            observer.qscheme = module.qscheme = torch.per_tensor_symmetric
+            observer.has_customized_qrange = False  # int8's full range: torch's symmetric zero point is 0
+        for holder in (module, observer):
+            holder.dtype, holder.quant_min, holder.quant_max = torch.qint8, low, high
+        changed += 1
+    return changed
+
+
+def _float16_w8a8(reference: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """The w8a8 quantize/dequantize graph with its float parts in float16, as the package computes them.
+
+    Activation scales are rounded to float16 (an fp16 program's quantize ops take fp16 scales) and
+    dequantize returns float16. Each reference Conv/Linear becomes a plain layer holding its int8 weight
+    dequantized (the package's constexpr weight); the rest is the graph in float16 as for fp16.
+    """
+    from torch.ao.nn.quantized.reference.modules.utils import ReferenceQuantizedModule
+
+    graph_module = copy.deepcopy(reference)
+    for name, module in list(graph_module.named_modules()):
+        if isinstance(module, ReferenceQuantizedModule):
+            parent, _, child = name.rpartition(".")
+            setattr(graph_module.get_submodule(parent), child, _plain_layer(module))
+    decomposed = torch.ops.quantized_decomposed
+    activation_ops = (decomposed.quantize_per_tensor.default, decomposed.dequantize_per_tensor.default)
+    for node in graph_module.graph.nodes:
+        if node.op == "call_function" and node.target in activation_ops:
+            value, scale, *rest = node.args
+            node.args = (value, float(np.float16(scale)), *rest)
+            if node.target == decomposed.dequantize_per_tensor.default:
+                node.kwargs = {**node.kwargs, "out_dtype": torch.float16}
+    graph_module.recompile()
+    return _float16_emulation(graph_module)
+
+
+CONV_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def _plain_layer(module: nn.Module) -> nn.Module:
+    """A float Conv/Linear holding a reference quantized layer's int8 weight, dequantized."""
+    if isinstance(module, nn.Linear):
+        layer: nn.Module = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+    elif isinstance(module, CONV_LAYERS):
+        base = next(cls for cls in CONV_LAYERS if isinstance(module, cls))  # what the reference layer derives from
+        layer = base(
+            module.in_channels,
+            module.out_channels,
+            module.kernel_size,
+            stride=module.stride,
+            padding=module.padding,
+            dilation=module.dilation,
+            groups=module.groups,
+            bias=module.bias is not None,
+            padding_mode=module.padding_mode,
+        )
+    else:
+        raise T2tedgeError(f"coreml w8a8 emulation has no float form of {type(module).__name__}")
+    with torch.no_grad():
+        layer.weight.copy_(module.get_weight())
+        if module.bias is not None:
+            layer.bias.copy_(module.bias)
+    return layer
 
 
 def _register_quantize_per_channel() -> None:
@@ -470,6 +669,37 @@ def _operations(program: Any) -> Iterator[Any]:
 def _op_histogram(program: Any) -> dict[str, int]:
     """MIL op type -> count, most common first."""
     return dict(Counter(op.op_type for op in _operations(program)).most_common())
+
+
+def _dtype_name(var: Any) -> str:
+    """A MIL value's dtype as coremltools writes it (fp16, fp32, int8, ...); tensors give their element type."""
+    from coremltools.converters.mil.mil.types import builtin_to_string
+
+    return builtin_to_string(var.dtype) or getattr(var.dtype, "__name__", str(var.dtype))
+
+
+def _ops_by_dtype(program: Any) -> dict[str, dict[str, int]]:
+    """MIL op type -> {output dtype: op count}; an op whose outputs have several dtypes counts under each."""
+    counts: dict[str, Counter] = {}
+    for op in _operations(program):
+        for dtype in {_dtype_name(var) for var in op.outputs}:
+            counts.setdefault(op.op_type, Counter())[dtype] += 1
+    return {op_type: dict(sorted(counter.items())) for op_type, counter in sorted(counts.items())}
+
+
+def _fp32_compute_ops(program: Any) -> int:
+    """Ops computing in fp32: an fp32 output, not a constant, a constexpr weight or a cast.
+
+    Casts move data between dtypes: the fp32 input's cast to fp16 and the cast back to the declared fp32
+    output are in every fp16 package; what the count looks for is arithmetic left in fp32.
+    """
+    return sum(
+        1
+        for op in _operations(program)
+        if op.op_type not in NOT_COMPUTE_OPS
+        and not op.op_type.startswith("constexpr_")
+        and any(_dtype_name(var) == "fp32" for var in op.outputs)
+    )
 
 
 def _package_facts(package: Path) -> dict[str, Any]:
