@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from t2tedge.pipeline.store import MANIFEST, ArtifactStore, content_hash
+from t2tedge.pipeline.store import MANIFEST, Artifact, ArtifactStore, content_hash
 
 
 def test_content_hash_ignores_key_order() -> None:
@@ -98,3 +98,31 @@ def test_second_build_waits_then_reuses(tmp_path: Path) -> None:
         assert (job.final / "a.bin").read_bytes() == b"first"
     assert time.perf_counter() - started >= 0.9
     proc.join()
+
+
+def _update_many(path: str, writer: int, start: str, count: int) -> None:
+    artifact = Artifact(Path(path))
+    while not Path(start).exists():
+        time.sleep(0.001)
+    for i in range(count):
+        # Nested sections (how validate and bench write) and top-level ones.
+        artifact.update_manifest(validation={f"w{writer}-{i}": {"top1": i}}, **{f"section_w{writer}_{i}": i})
+
+
+def test_concurrent_manifest_updates_keep_every_section(tmp_path: Path) -> None:
+    with ArtifactStore(tmp_path).build("m", "t", "fp32", {"n": 3}) as job:
+        (job.dir / "a.bin").write_bytes(b"1")
+    start, writers, count = tmp_path / "start", 3, 40
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_update_many, args=(str(job.final), w, str(start), count)) for w in range(writers)]
+    for proc in procs:
+        proc.start()
+    start.write_text("go")
+    for proc in procs:
+        proc.join(120)
+        assert proc.exitcode == 0
+    manifest = json.loads((job.final / MANIFEST).read_text())
+    expected = {f"w{w}-{i}" for w in range(writers) for i in range(count)}
+    assert set(manifest["validation"]) == expected
+    assert all(f"section_w{w}_{i}" in manifest for w in range(writers) for i in range(count))
+    assert manifest["files"]["a.bin"]["bytes"] == 1  # the build's own sections survive too

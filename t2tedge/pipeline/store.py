@@ -64,14 +64,20 @@ class Artifact:
         return self.path / name
 
     def update_manifest(self, **sections: Any) -> None:
-        """Merge sections (e.g. validation results) into the manifest, atomically."""
-        data = self.manifest
-        for key, value in sections.items():
-            if isinstance(value, dict) and isinstance(data.get(key), dict):
-                data[key] = {**data[key], **value}
-            else:
-                data[key] = value
-        write_json(self.path / MANIFEST, data)
+        """Merge sections (e.g. validation results) into the manifest, atomically.
+
+        The read-modify-write holds the artifact's manifest lock, so a ``bench`` and a ``validate``
+        updating the same artifact at once keep each other's sections.
+        """
+        # A lock file of its own: a build holding the artifact's build lock may update the manifest.
+        with _locked(self.path.parent / f".{self.path.name}.manifest.lock", waiting=None):
+            data = self.manifest
+            for key, value in sections.items():
+                if isinstance(value, dict) and isinstance(data.get(key), dict):
+                    data[key] = {**data[key], **value}
+                else:
+                    data[key] = value
+            write_json(self.path / MANIFEST, data)
 
 
 def read_manifest(path: str | Path) -> dict[str, Any]:
@@ -164,13 +170,14 @@ class BuildJob:
 
 
 @contextlib.contextmanager
-def _locked(lock_path: Path) -> Iterator[None]:
+def _locked(lock_path: Path, waiting: str | None = "waiting for another build holding {name} ...") -> Iterator[None]:
     with open(lock_path, "a+") as fh:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            # Another build holds it: wait for it, then reuse what it wrote.
-            print(f"waiting for another build holding {lock_path.name} ...", flush=True)
+            # Another process holds it: wait for it (a build: then reuse what it wrote).
+            if waiting:
+                print(waiting.format(name=lock_path.name), flush=True)
             fcntl.flock(fh, fcntl.LOCK_EX)
         try:
             yield
