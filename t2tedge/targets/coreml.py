@@ -49,7 +49,7 @@ CALIBRATION_BATCH = 32
 SOFT_SPLITS = ("unfold", "gather")
 # The Neural Engine's int8-int8 path (coremltools' W8A8 docs) takes signed int8 activations.
 ACTIVATION_DTYPE = "int8"
-# Ops that hold or reshape data rather than compute: not counted as fp32 compute in a package.
+# Ops that hold constants or convert dtypes rather than compute: not counted as fp32 compute in a package.
 NOT_COMPUTE_OPS = ("const", "cast")
 EMULATIONS = {
     "fp32": "torch fp32 (the model Core ML was converted from)",
