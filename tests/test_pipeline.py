@@ -155,3 +155,43 @@ def test_imagenet_recipe_takes_paths_as_variables(tmp_path: Path) -> None:
     assert recipe.data.validation == "/data/val" and recipe.data.calibration == "/data/train"
     with pytest.raises(RecipeError, match=r"needs \$\{IMAGENET_VAL\}"):
         load_recipe("imagenet", variables={"T2T_CHECKPOINTS": "x", "IMAGENET_TRAIN": "y"})
+
+
+def test_compile_key_covers_t2tedge_rules(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from t2tedge.pipeline import build
+
+    ckpt = _tiny_checkpoint(tmp_path)
+    no_bench = {"warmup": 1, "min_iters": 5, "min_seconds": 0, "efficiency": False, "enabled": False}
+    (first,) = Builder(load_recipe(_recipe(tmp_path, ckpt, benchmark=no_bench))).run()
+    manifest = json.loads((Path(first.artifact) / "manifest.json").read_text())
+    assert manifest["config"]["rules"] == build.rules_digest("onnxruntime")
+    export_config = json.loads(next(Path(first.artifact).parent.parent.glob("export/onnx-*/manifest.json")).read_text())
+    assert {"onnx", "onnxscript", "t2tedge", "model_source"} <= set(export_config["config"])
+    # an unrelated change (the latency settings) reuses the artifact
+    (same,) = Builder(load_recipe(_recipe(tmp_path, ckpt, benchmark={**no_bench, "min_iters": 9}))).run()
+    assert same.reused and same.artifact == first.artifact
+    # a changed rule rebuilds
+    monkeypatch.setattr(build, "rules_digest", lambda target: "changed-rule")
+    (rebuilt,) = Builder(load_recipe(_recipe(tmp_path, ckpt, benchmark=no_bench))).run()
+    assert not rebuilt.reused and rebuilt.artifact != first.artifact
+
+
+def test_rules_digest_covers_shipped_scripts_and_shared_quantizers(monkeypatch: pytest.MonkeyPatch) -> None:
+    from t2tedge.pipeline import build
+
+    before = {name: build.rules_digest(name) for name in ("onnxruntime", "tensorrt")}
+    real = build.sha256_file
+
+    def edited(name: str):  # noqa: ANN202
+        return lambda path: "edited" if Path(path).name == name else real(path)
+
+    try:
+        build._sources_digest.cache_clear()
+        monkeypatch.setattr(build, "sha256_file", edited("tensorrt_build_engine.py"))
+        assert build.rules_digest("tensorrt") != before["tensorrt"]
+        assert build.rules_digest("onnxruntime") == before["onnxruntime"]
+        build._sources_digest.cache_clear()
+        monkeypatch.setattr(build, "sha256_file", edited("onnx_qdq.py"))
+        assert build.rules_digest("onnxruntime") != before["onnxruntime"]
+    finally:
+        build._sources_digest.cache_clear()

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import datetime as dt
+import functools
+import hashlib
+import importlib.metadata
 import json
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +29,42 @@ from t2tedge.pipeline.store import Artifact, ArtifactStore, sha256_file, write_j
 from t2tedge.pipeline.validate import run_validation
 from t2tedge.progress import log
 from t2tedge.targets import BuildInputs, check_precision, get_target
+
+PACKAGE_DIR = Path(t2tedge.__file__).resolve().parent
+# The quantization machinery every calibrated target shares: its rules decide the files too.
+SHARED_RULE_FILES = ("calibration/__init__.py", "calibration/onnx_qdq.py", "emulation/*.py")
+# Files a target applies beyond its own module (TensorRT's lint and the engine script it ships).
+EXTRA_RULE_FILES = {"tensorrt": ("targets/tensorrt_lint.py", "targets/tensorrt_build_engine.py")}
+# The export form is our code: the model sources decide the exported graph.
+MODEL_FILES = ("models/t2t_vit.py", "models/mobilenet.py", "models/spec.py", "pipeline/export.py")
+
+
+@functools.cache
+def _sources_digest(patterns: tuple[str, ...]) -> dict[str, str]:
+    files = sorted({f for pattern in patterns for f in PACKAGE_DIR.glob(pattern)})
+    return {f.relative_to(PACKAGE_DIR).as_posix(): sha256_file(f) for f in files}
+
+
+def rules_digest(target_name: str) -> str:
+    """sha256 over the source of every rule a target applies: its module, extras and the shared quantizers.
+
+    Part of the compile key, so changing any placement rule, scope, default or shipped script rebuilds.
+    """
+    module = Path(sys.modules[type(get_target(target_name)).__module__].__file__).resolve()
+    patterns = (module.relative_to(PACKAGE_DIR).as_posix(), *EXTRA_RULE_FILES.get(target_name, ()), *SHARED_RULE_FILES)
+    return hashlib.sha256(json.dumps(_sources_digest(patterns), sort_keys=True).encode()).hexdigest()
+
+
+def export_digest() -> str:
+    """sha256 over the model and export sources: what decides the exported graph besides the weights."""
+    return hashlib.sha256(json.dumps(_sources_digest(MODEL_FILES), sort_keys=True).encode()).hexdigest()
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def resolve_weights(entry: ModelEntry) -> Path | None:
@@ -195,7 +235,11 @@ class Builder:
             "opset": cfg.opset,
             "dynamic_batch": cfg.dynamic_batch,
             "torch": torch.__version__,
+            "onnx": _version("onnx"),
+            "onnxscript": _version("onnxscript"),
             "graph_revision": GRAPH_REVISION,
+            "t2tedge": t2tedge.__version__,
+            "model_source": export_digest(),
         }
         if ctx.checkpoint_sha256 is None:
             # Random weights differ per process: never reuse them from the cache.
@@ -282,6 +326,8 @@ class Builder:
             "target": target_name,
             "precision": precision,
             "tools": target.tool_versions(),
+            "t2tedge": t2tedge.__version__,
+            "rules": rules_digest(target_name),
         }
         needs_calibration = target.needs_calibration(precision)
         quant = self.recipe.quantization
