@@ -195,3 +195,22 @@ def test_rules_digest_covers_shipped_scripts_and_shared_quantizers(monkeypatch: 
         assert build.rules_digest("onnxruntime") != before["onnxruntime"]
     finally:
         build._sources_digest.cache_clear()
+
+
+def test_calibration_validation_overlap_is_an_error_unless_allowed(tmp_path: Path) -> None:
+    from t2tedge.errors import DatasetError
+    from t2tedge.report import write_report
+
+    ckpt = _tiny_checkpoint(tmp_path)
+    same = {"calibration": "fashion_mnist:test", "validation": "fashion_mnist:test", "limit": 40}
+    extra = {"precisions": ["int8"], "calibration": {"size": 16, "heldout": 0}, "benchmark": {"enabled": False}}
+    with pytest.raises(DatasetError, match=r"^\d+ calibration images also appear in the validation set") as caught:
+        Builder(load_recipe(_recipe(tmp_path, ckpt, data=same, **extra))).run()
+    assert "\n" not in str(caught.value)
+    assert not list((tmp_path / "artifacts" / "t2t_vit_7").glob("onnxruntime/*"))
+    (row,) = Builder(load_recipe(_recipe(tmp_path, ckpt, data={**same, "allow_overlap": True}, **extra))).run()
+    assert row.accuracy["calibration_overlap"] > 0
+    summary = json.loads((tmp_path / "artifacts" / "tiny-summary.json").read_text())
+    assert summary["rows"][0]["accuracy"]["calibration_overlap"] == row.accuracy["calibration_overlap"]
+    report = write_report(tmp_path / "artifacts").markdown.read_text()
+    assert f"calibrated on {row.accuracy['calibration_overlap']} of these images" in report

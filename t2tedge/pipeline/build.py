@@ -20,7 +20,7 @@ import t2tedge
 from t2tedge.calibration import CalibrationSet, calibration_set, select_indices
 from t2tedge.data.cache import cached_preprocess, save_array
 from t2tedge.data.datasets import ImageDataset, open_dataset
-from t2tedge.errors import CheckpointError, T2tedgeError, TargetUnavailableError
+from t2tedge.errors import CheckpointError, DatasetError, T2tedgeError, TargetUnavailableError
 from t2tedge.evaluation.host import host_info
 from t2tedge.models import LoadedModel, demo_checkpoint, get_spec, load_model, pretrained_checkpoint
 from t2tedge.pipeline.export import GRAPH_REVISION, ONNX_FILE, export_onnx, parity, torch_logits
@@ -282,8 +282,13 @@ class Builder:
             source, ctx.loaded.preprocess, cfg.size, cfg.seed, self.cache_dir / "tensors", cfg.allow_fewer
         )
         overlap = len(calib.sample_hashes() & {validation.sample_hash(int(i)) for i in val.indices})
+        if overlap and not self.recipe.data.allow_overlap:
+            raise DatasetError(
+                f"{overlap} calibration images also appear in the validation set "
+                "(use disjoint sets, or set data.allow_overlap: true to build with marked numbers)"
+            )
         if overlap:
-            log(f"  [yellow]warning:[/] {overlap} calibration images also appear in the validation set")
+            log(f"  [yellow]warning:[/] {overlap} calibration images also appear in the validation set (allowed)")
         self.overlaps[ctx.loaded.spec.name] = overlap
         return calib
 
@@ -388,6 +393,10 @@ class Builder:
         if accuracy is None:
             accuracy = run_validation(target, artifact, val.images, val.labels, val.reference, self.recipe.threads)
             accuracy["dataset"] = self.recipe.data.validation
+            overlap = self.overlaps.get(name, 0)
+            if needs_calibration and overlap:
+                # calibrated on images it is then scored on: marked in the manifest, summary and report
+                accuracy["calibration_overlap"] = overlap
             artifact.update_manifest(validation={val.key[:16]: accuracy})
         verb = "reused" if reused else "built"
         top1 = f"top-1 {accuracy['top1']:.2f}% ({accuracy['label']})" if "top1" in accuracy else accuracy["label"]

@@ -33,6 +33,10 @@ class DataConfig(_Strict):
     validation: str = Field("fashion_mnist:test", description="labelled set for accuracy: dataset name, folder or CSV")
     calibration: str = Field("fashion_mnist:train", description="calibration images: dataset name, folder or CSV")
     limit: int | None = Field(None, gt=0, description="validate on the first N images only (class-balanced)")
+    allow_overlap: bool = Field(
+        False,
+        description="build although calibration images appear in the validation set; affected numbers are marked",
+    )
 
 
 class ExportConfig(_Strict):

@@ -26,7 +26,9 @@ def accuracy_cell(data: ReportData, row: Row) -> str:
         return f"{acc.get('label', 'unavailable')}: {acc.get('reason', 'not validated')}"
     ref = data.models.get(row.model, {}).get("fp32_torch", {}).get("top1")
     delta = f" ({acc['top1'] - ref:+.2f})" if ref is not None else ""
-    return f"{acc['top1']:.2f}{delta} {acc['label']}"
+    overlap = acc.get("calibration_overlap")
+    overlap = f" (⚠ calibrated on {overlap} of these images)" if overlap else ""
+    return f"{acc['top1']:.2f}{delta} {acc['label']}{overlap}"
 
 
 def latency_cells(data: ReportData, row: Row, host: str) -> list[str]:
