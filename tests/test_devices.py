@@ -27,8 +27,10 @@ import torch
 
 from t2tedge.data.cache import preprocess
 from t2tedge.data.datasets import open_dataset
+from t2tedge.devices import remote_runner
 from t2tedge.devices.config import Device, DeviceConfigError, add_device, get_device, load_devices
 from t2tedge.devices.remote import check_device, remote_latency, remote_logits, validate_artifact_remote
+from t2tedge.devices.remote_runner import FIXED_BATCH_REASON
 from t2tedge.devices.ssh import DeviceDiskFullError, DeviceTimeoutError
 from t2tedge.models import get_spec
 from t2tedge.models.conditioning import well_conditioned
@@ -355,6 +357,30 @@ def test_full_disk_on_device(sshd: dict, config_dir: Path, artifacts: dict[str, 
         subprocess.run(["umount", str(workdir)], check=False)
 
 
+@pytest.mark.parametrize("target", TARGETS)
+def test_remote_batch_sweep_of_a_fixed_batch_artifact_is_refused(
+    target: str, sshd: dict, config_dir: Path, artifacts: dict[str, Path], tmp_path: Path
+) -> None:
+    # The artifacts have a fixed batch of 1: four batch-1 calls are not batch-4 latency.
+    _device(sshd, "loop", tmp_path / "remote")
+    record = remote_latency("loop", artifacts[target], 4, 1, 1, 3, 0.0, timeout_s=60)
+    assert record["label"] == "unavailable" and record["seconds"] == []
+    assert record["reason"] == FIXED_BATCH_REASON.format(fixed=1)
+    assert "dynamic_batch: true" in record["reason"]
+    assert remote_latency("loop", artifacts[target], 1, 1, 1, 3, 0.0, timeout_s=60)["label"] == "measured"
+
+
+def test_remote_runner_refuses_to_time_another_batch_than_the_fixed_one() -> None:
+    # The runner's own check, for artifacts whose manifest does not tell t2tedge the batch (OpenVINO IR).
+    calls = []
+    model = remote_runner.Model(lambda x: calls.append(len(x)) or np.zeros((len(x), 10)), 1, [3, 8, 8], {})
+    request = {"batch": 4, "image_size": 8, "warmup": 1, "min_iters": 2, "min_seconds": 0}
+    with pytest.raises(remote_runner.Unavailable, match=r"fixed batch of 1 \(export with dynamic_batch: true"):
+        remote_runner.latency(model, request)
+    assert calls == []
+    assert len(remote_runner.latency(model, {**request, "batch": 1})) >= 2
+
+
 def test_registry_refuses_bad_entries(config_dir: Path) -> None:
     with pytest.raises(DeviceConfigError, match="not ssh://"):
         Device("jetson", "nvidia@jetson")
@@ -369,3 +395,13 @@ def test_registry_refuses_bad_entries(config_dir: Path) -> None:
     (config_dir / "devices.yaml").write_text("devices: [1, 2]\n")
     with pytest.raises(DeviceConfigError, match="mapping"):
         load_devices()
+
+
+def test_registry_refuses_a_host_that_ssh_would_read_as_an_option(config_dir: Path) -> None:
+    for url in ("ssh://-oProxyCommand=touch%20x", "ssh://nvidia@-oProxyCommand=id", "ssh://-jetson:22"):
+        with pytest.raises(DeviceConfigError, match="starts with '-'") as caught:
+            Device("jetson", url)
+        assert "\n" not in str(caught.value)
+    assert load_devices() == {}
+    line = _one_line_error(_cli("device", "add", "evil", "ssh://-oProxyCommand=id"))
+    assert "starts with '-'" in line

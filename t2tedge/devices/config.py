@@ -48,6 +48,9 @@ class Device:
             raise DeviceConfigError(f"device {self.name}: {self.url!r} is not ssh://[user@]host[:port]")
         self.user: str | None = match["user"]
         self.host: str = match["host"].strip("[]")
+        if self.host.startswith("-"):
+            # ssh would read it as an option (e.g. -oProxyCommand=...), never as a host
+            raise DeviceConfigError(f"device {self.name}: host {self.host!r} starts with '-'; that is not a host name")
         self.port: int | None = int(match["port"]) if match["port"] else None
         for option in self.ssh_options:
             if "=" not in option:

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from t2tedge.devices.config import Device, get_device
+from t2tedge.devices.remote_runner import FIXED_BATCH_REASON
 from t2tedge.devices.ssh import DeviceDiskFullError, DeviceError, Ssh, quote_path
 from t2tedge.evaluation.accuracy import MEASURED, UNAVAILABLE, accuracy_report
 from t2tedge.pipeline.store import Artifact, read_manifest, sha256_file
@@ -171,6 +172,23 @@ class RemoteDevice:
         return answer
 
 
+def fixed_batch(artifact_dir: Path) -> int | None:
+    """The batch size an artifact's input is fixed to, from its manifest or its ONNX graph (None: dynamic/unknown)."""
+    manifest = read_manifest(artifact_dir)
+    shape = manifest.get("build", {}).get("input", {}).get("shape")
+    if manifest.get("target") == "coreml":  # Core ML predicts image by image whatever the batch
+        return None
+    if shape is None and "model.onnx" in artifact_files(Path(artifact_dir), manifest.get("target", "")):
+        import onnx
+
+        graph = onnx.load(str(Path(artifact_dir) / "model.onnx"), load_external_data=False).graph
+        dims = graph.input[0].type.tensor_type.shape.dim if graph.input else []
+        shape = [d.dim_value if d.HasField("dim_value") else -1 for d in dims]
+    if shape and isinstance(shape[0], int) and shape[0] > 0:
+        return shape[0]
+    return None
+
+
 def check_device(name: str, timeout_s: float = INFO_TIMEOUT_S) -> dict[str, Any]:
     """Connect to a registered device and report its OS, CPU/GPU, python and target runtimes."""
     return RemoteDevice(get_device(name)).info(timeout_s=timeout_s)
@@ -192,6 +210,19 @@ def remote_latency(
     ``runtime`` (what the runtime actually used: precision, threads, engine). Unreachable devices,
     timeouts and full disks raise one-line :class:`~t2tedge.devices.ssh.DeviceError` s.
     """
+    fixed = fixed_batch(Path(artifact_dir))
+    if fixed is not None and fixed != batch:
+        # Refused here, before any copy; the runner refuses it too where the manifest could not tell.
+        get_device(device_name)
+        return {
+            "host": {"device": device_name},
+            "transfer": {"uploaded_files": 0, "uploaded_bytes": 0, "reused_files": 0},
+            "batch": batch,
+            "seconds": [],
+            "label": UNAVAILABLE,
+            "reason": FIXED_BATCH_REASON.format(fixed=fixed),
+            "runtime": {},
+        }
     settings = {"batch": batch, "threads": threads, "warmup": warmup, "min_iters": min_iters}
     answer = RemoteDevice(get_device(device_name)).execute(
         Path(artifact_dir), "latency", timeout_s, min_seconds=min_seconds, **settings

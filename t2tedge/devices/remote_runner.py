@@ -33,6 +33,8 @@ import time
 
 RUNTIMES = {"onnxruntime": "onnxruntime", "openvino": "openvino", "tensorrt": "tensorrt", "coreml": "coremltools"}
 STALE_INCOMING_S = 24 * 3600
+# Why a fixed-batch artifact is not timed at another batch size; t2tedge's local bench says the same.
+FIXED_BATCH_REASON = "the artifact has a fixed batch of {fixed} (export with dynamic_batch: true to sweep batch sizes)"
 
 
 class Unavailable(Exception):
@@ -213,6 +215,10 @@ class Model:
         self.gpu_seconds = None
 
     def __call__(self, images):
+        """Logits for any number of images; a fixed-batch model runs them in chunks of its batch.
+
+        Chunking is right for logits, never for timing: :func:`latency` refuses a batch the model does not have.
+        """
         import numpy as np
 
         images = np.ascontiguousarray(images, dtype=np.float32)
@@ -444,7 +450,8 @@ def load_coreml(directory: str, request: dict) -> Model:
 
     shape = build.get("input", {}).get("shape", [1, 3, None, None])
     facts = {"runtime": "coreml", "version": ct.__version__, "compute_units": units}
-    return Model(run, 1, shape[1:], facts)
+    # run() predicts image by image whatever the batch, as t2tedge's local Core ML runner does
+    return Model(run, None, shape[1:], facts)
 
 
 LOADERS = {
@@ -460,6 +467,9 @@ def latency(model: Model, request: dict) -> list:
     import numpy as np
 
     batch = int(request.get("batch") or 1)
+    if model.fixed_batch is not None and model.fixed_batch != batch:
+        # N calls of a batch-1 model are not batch-N latency
+        raise Unavailable(FIXED_BATCH_REASON.format(fixed=model.fixed_batch))
     size = request.get("image_size") or 224
     channels, height, width = [d or default for d, default in zip(model.input_shape, [3, size, size])]  # noqa: B905
     image = np.random.default_rng(0).standard_normal((batch, channels, height, width)).astype(np.float32)
@@ -501,11 +511,12 @@ def run(request: dict) -> dict:
         except ImportError:
             raise Unavailable("numpy not importable on {device}") from None
         model = LOADERS[target](directory, request)
+        seconds = latency(model, request) if request["mode"] == "latency" else None
     except Unavailable as exc:
         return {"ok": True, "host": facts, "unavailable": str(exc)}
     answer = {"ok": True, "host": facts, "runtime": model.facts}
-    if request["mode"] == "latency":
-        answer["seconds"] = latency(model, request)
+    if seconds is not None:
+        answer["seconds"] = seconds
         if model.gpu_seconds is not None:
             answer["gpu_compute_seconds"] = model.gpu_seconds[-len(answer["seconds"]) :]
     else:

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from t2tedge.devices.remote_runner import FIXED_BATCH_REASON
 from t2tedge.evaluation.accuracy import MEASURED, UNAVAILABLE
 from t2tedge.evaluation.host import host_info
 from t2tedge.evaluation.latency import summarize, time_interleaved
@@ -221,7 +222,7 @@ def _prepare(
         return {**base, "label": UNAVAILABLE, "reason": "only an emulation runs here; emulations are not timed"}, None
     fixed = getattr(runner, "fixed_batch", None)
     if fixed is not None and fixed != batch:
-        reason = f"the artifact has a fixed batch of {fixed} (export with dynamic_batch: true to sweep batch sizes)"
+        reason = FIXED_BATCH_REASON.format(fixed=fixed)
         return {**base, "label": UNAVAILABLE, "reason": reason}, None
     return {**base, "label": MEASURED, "runtime": _runtime_facts(runner, manifest["precision"])}, runner
 
