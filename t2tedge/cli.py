@@ -354,13 +354,18 @@ def tensorrt_lint(
         Path | None,
         typer.Option(
             help='JSON of per-tensor max |value| on calibration images, {"tensors": {name: {"max_abs": x}}, '
-            '"fp32_tensors": list of names}: also check FP16 overflow'
+            '"fp32_tensors": list of names}: also check FP16 overflow (default: the fp16_ranges.json a '
+            "tensorrt artifact holds beside its model.onnx)"
         ),
     ] = None,
 ) -> None:
     """Check an ONNX graph against TensorRT's operator support, Q/DQ and fusion rules; exit 1 on any error."""
     from t2tedge.targets.tensorrt_lint import has_errors, lint, load_ranges
 
+    beside = model.parent / "fp16_ranges.json"
+    if ranges is None and beside.is_file():
+        ranges = beside
+        out.print(f"FP16 ranges from {beside}")
     tensor_ranges, fp32_tensors = load_ranges(ranges) if ranges is not None else (None, set())
     findings = lint(model, tensor_ranges, fp32_tensors)
     table = Table(title=f"TensorRT lint: {model}")
@@ -391,29 +396,47 @@ _DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
 
 def main() -> None:
-    """Console entry point: user errors and a full disk become one line on stderr and exit code 2."""
+    """Console entry point: user errors and a full disk become one line on stderr and exit code 2.
+
+    Any other exception is a bug: one line naming it and exit code 1 (``T2TEDGE_DEBUG=1``: the traceback).
+    """
+    import os
+
+    from rich.markup import escape
+
+    stderr = Console(stderr=True)
     try:
         app()
     except T2tedgeError as exc:
-        Console(stderr=True).print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        stderr.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
-        Console(stderr=True).print("interrupted; finished artifacts are kept, unfinished ones were discarded")
+        stderr.print("interrupted; finished artifacts are kept, unfinished ones were discarded")
         sys.exit(130)
-    except OSError as exc:
-        if exc.errno not in _DISK_FULL:
+    except Exception as exc:
+        if isinstance(exc, OSError) and exc.errno in _DISK_FULL:
+            # A full disk (or quota, or file-size limit) is the user's to fix, not a crash: one line, like errors.
+            # shutil's copies name the source in `filename` and the file being written in `filename2`.
+            written = exc.filename2 or exc.filename
+            where = f" {escape(str(written))}" if written else ""
+            stderr.print(
+                f"[bold red]error:[/] cannot write{where}: {exc.strerror}; unfinished artifacts were discarded, "
+                "free some space and rerun",
+                highlight=False,
+                soft_wrap=True,
+            )
+            sys.exit(2)
+        if os.environ.get("T2TEDGE_DEBUG"):
             raise
-        # A full disk (or quota, or file-size limit) is the user's to fix, not a crash: one line, like errors.
-        # shutil's copies name the source in `filename` and the file being written in `filename2`.
-        written = exc.filename2 or exc.filename
-        where = f" {written}" if written else ""
-        Console(stderr=True).print(
-            f"[bold red]error:[/] cannot write{where}: {exc.strerror}; unfinished artifacts were discarded, "
-            "free some space and rerun",
+        # A bug, not the user's doing: one line that says how to get the traceback for a report.
+        message = " ".join(str(exc).split())
+        stderr.print(
+            f"[bold red]error:[/] internal error: {type(exc).__name__}: {escape(message)} "
+            "(rerun with T2TEDGE_DEBUG=1 for the traceback)",
             highlight=False,
             soft_wrap=True,
         )
-        sys.exit(2)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

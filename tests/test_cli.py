@@ -79,3 +79,51 @@ def test_models_table_shows_counted_and_paper_numbers() -> None:
     assert {"t2t_vit_7", "t2t_vit_t_24", "t2t_vit_14_wide", "mobilenet_v3_small"} <= rows.keys()
     cells = [c.strip() for c in rows["t2t_vit_14"].split("│")]
     assert cells[4] == "21.55" and cells[6] == "21.5"  # counted params beside the paper's
+
+
+_CRASHING_CLI = """
+import sys
+import t2tedge.cli as cli
+
+
+@cli.app.command("boom")
+def boom(kind: str) -> None:
+    errors = {"runtime": RuntimeError("kaput [x]\\nsecond line"), "oserror": PermissionError(13, "Permission denied")}
+    raise errors[kind]
+
+
+cli.main()
+"""
+
+
+@pytest.mark.parametrize(
+    ("kind", "expected"),
+    [("runtime", "RuntimeError: kaput [x] second line"), ("oserror", "PermissionError: [Errno 13] Permission denied")],
+)
+def test_internal_error_is_one_line_unless_debugging(kind: str, expected: str) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "T2TEDGE_DEBUG"}
+    argv = [sys.executable, "-c", _CRASHING_CLI, "boom", kind]
+    result = subprocess.run(argv, capture_output=True, text=True, env={**env, "COLUMNS": "200"}, timeout=120)
+    assert result.returncode == 1, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines == [f"error: internal error: {expected} (rerun with T2TEDGE_DEBUG=1 for the traceback)"], lines
+    debug = subprocess.run(argv, capture_output=True, text=True, env={**env, "T2TEDGE_DEBUG": "1"}, timeout=120)
+    assert debug.returncode == 1
+    assert "Traceback" in debug.stderr and expected.split(":")[0] in debug.stderr
+
+
+def test_import_t2tedge_registers_the_timm_entrypoints() -> None:
+    # The README's promise, in a fresh interpreter: `import t2tedge` is enough, before or after timm.
+    for order in ("import t2tedge, timm", "import timm, t2tedge"):
+        code = (
+            f"{order}\n"
+            "model = timm.create_model('t2t_vit_7', num_classes=3)\n"
+            "print(type(model).__name__, timm.models.is_model('t2t_vit_14'))\n"
+        )
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.split() == ["T2TViT", "True"], result.stdout
+    # and it stays cheap: neither torch nor timm is imported by `import t2tedge` alone
+    code = "import sys, t2tedge; print('torch' in sys.modules, 'timm' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.stdout.split() == ["False", "False"], result.stdout + result.stderr
