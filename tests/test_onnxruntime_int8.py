@@ -250,3 +250,27 @@ def test_accuracy_aware_keeps_sensitive_nodes_fp32(mobilenet_onnx: Path, images:
     assert set(aware["nodes_kept_fp32"]) <= set(facts["nodes_excluded"])
     # the artifact is the model with those nodes in FP32, and it runs
     assert OnnxRuntimeRunner(tmp_path / "model.onnx")(validation[:2]).shape == (2, 10)
+
+
+def test_accuracy_aware_search_scores_on_the_heldout_split(mobilenet_onnx: Path, images: tuple, tmp_path: Path) -> None:
+    from t2tedge.errors import T2tedgeError
+
+    calib, _ = images
+    heldout = calib[16:48]
+    labels = OnnxRuntimeRunner(mobilenet_onnx)(heldout).argmax(1)
+    config = QuantizationConfig(max_accuracy_drop=0.01).for_target("onnxruntime")
+    inputs = BuildInputs(
+        mobilenet_onnx, SIZE, 10, "mobilenet", config, calibration=calib[:8], heldout=heldout, heldout_labels=labels
+    )
+    aware = get_target("onnxruntime").build(inputs, "int8", tmp_path)["accuracy_aware"]
+    assert aware["tuned_on"] == "calibration.heldout" and aware["images"] == 32
+    assert aware["fp32_top1"] == 100.0 and len(aware["nodes_kept_fp32"]) >= 1
+    assert "(calibration.heldout)" in (tmp_path / SENSITIVITY_MD).read_text()
+    # without labelled held-out images the search refuses, naming the setting
+    (tmp_path / "again").mkdir()
+    with pytest.raises(T2tedgeError, match=r"calibration\.heldout > 0"):
+        get_target("onnxruntime").build(
+            BuildInputs(mobilenet_onnx, SIZE, 10, "mobilenet", config, calibration=calib[:8], heldout=heldout),
+            "int8",
+            tmp_path / "again",
+        )

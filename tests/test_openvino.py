@@ -176,3 +176,24 @@ def test_unavailable_without_openvino(monkeypatch: pytest.MonkeyPatch) -> None:
     availability = get_target("openvino").availability()
     assert not availability.can_build and not availability.can_run
     assert "pip install openvino" in availability.reason
+
+
+def test_accuracy_control_scores_on_the_heldout_split(
+    build: Any, onnx_models: dict[str, Path], images: np.ndarray, tmp_path: Path
+) -> None:
+    from t2tedge.errors import T2tedgeError
+
+    fp32, _ = build("mobilenet_v2", "fp32")
+    heldout = images[16:]
+    labels = get_target("openvino").load(fp32)(heldout).argmax(1)
+    config = QuantizationConfig(max_accuracy_drop=50.0).for_target("openvino")
+
+    def inputs(**extra: Any) -> BuildInputs:
+        return BuildInputs(onnx_models["mobilenet_v2"], SIZE, 10, "mobilenet", config, calibration=images[:16], **extra)
+
+    facts = get_target("openvino").build(inputs(heldout=heldout, heldout_labels=labels), "int8", tmp_path)
+    control = facts["quantization"]["accuracy_control"]
+    assert control["tuned_on"] == "calibration.heldout" and control["images"] == len(heldout)
+    (tmp_path / "again").mkdir()
+    with pytest.raises(T2tedgeError, match=r"calibration\.heldout > 0"):
+        get_target("openvino").build(inputs(heldout=heldout), "int8", tmp_path / "again")

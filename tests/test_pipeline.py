@@ -214,3 +214,66 @@ def test_calibration_validation_overlap_is_an_error_unless_allowed(tmp_path: Pat
     assert summary["rows"][0]["accuracy"]["calibration_overlap"] == row.accuracy["calibration_overlap"]
     report = write_report(tmp_path / "artifacts").markdown.read_text()
     assert f"calibrated on {row.accuracy['calibration_overlap']} of these images" in report
+
+
+def test_accuracy_aware_build_never_sees_the_validation_set(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from t2tedge.data.datasets import open_dataset
+    from t2tedge.targets import get_target
+
+    target = get_target("onnxruntime")
+    real_build = target.build
+    seen = []
+
+    def spy(inputs, precision, out_dir):  # noqa: ANN001, ANN202
+        seen.append(inputs)
+        return real_build(inputs, precision, out_dir)
+
+    monkeypatch.setattr(target, "build", spy)
+    recipe = _recipe(
+        tmp_path,
+        _tiny_checkpoint(tmp_path),
+        precisions=["int8"],
+        calibration={"size": 16, "heldout": 12},
+        quantization={"max_accuracy_drop": 50.0},
+        benchmark={"enabled": False},
+    )
+    builder = Builder(load_recipe(recipe))
+    (row,) = builder.run()
+    (inputs,) = seen
+    assert inputs.validation_images is None and inputs.validation_labels is None
+    assert len(inputs.heldout) == len(inputs.heldout_labels) == 12
+    # none of the tuning images is a validation image (by content), and their labels are the source's
+    validation = builder.recipe.data.limit
+    val_set = open_dataset("fashion_mnist:test")
+    val_images = {
+        img.tobytes()
+        for img in builder._validation_set(  # the preprocessed validation tensor
+            builder._load(builder.recipe.models[0]), _export_artifact(tmp_path), val_set
+        ).images
+    }
+    assert validation == 40 and not {img.tobytes() for img in inputs.heldout} & val_images
+    manifest = json.loads((Path(row.artifact) / "manifest.json").read_text())
+    tuned = manifest["calibration"]["accuracy_tuned_on"]
+    assert tuned["split"] == "calibration.heldout" and tuned["images"] == 12
+    assert tuned["key"].startswith(manifest["calibration"]["heldout"]["key"])
+    assert manifest["build"]["accuracy_aware"]["tuned_on"] == "calibration.heldout"
+    assert manifest["build"]["accuracy_aware"]["images"] == 12
+
+
+def _export_artifact(tmp_path: Path):  # noqa: ANN202
+    from t2tedge.pipeline.store import Artifact
+
+    return Artifact(next((tmp_path / "artifacts" / "t2t_vit_7" / "export").glob("onnx-*")))
+
+
+def test_accuracy_aware_build_without_heldout_is_refused(tmp_path: Path) -> None:
+    recipe = _recipe(
+        tmp_path,
+        _tiny_checkpoint(tmp_path),
+        precisions=["int8"],
+        calibration={"size": 16, "heldout": 0},
+        quantization={"max_accuracy_drop": 1.0},
+        benchmark={"enabled": False},
+    )
+    with pytest.raises(T2tedgeError, match=r"max_accuracy_drop needs labelled held-out images"):
+        Builder(load_recipe(recipe)).run()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import functools
 import hashlib
@@ -292,6 +293,16 @@ class Builder:
         self.overlaps[ctx.loaded.spec.name] = overlap
         return calib
 
+    def _tuning_set(self, heldout: CalibrationSet | None) -> np.ndarray:
+        """Which held-out images (up to ``accuracy_subset``, class-balanced) accuracy-aware search scores on."""
+        labels = heldout.dataset.labels[heldout.indices] if heldout is not None else np.zeros(0, dtype=np.int64)
+        if heldout is None or (labels < 0).any():
+            raise T2tedgeError(
+                "quantization.max_accuracy_drop needs labelled held-out images: set calibration.heldout > 0 "
+                "with a labelled calibration source (never the validation set)"
+            )
+        return select_indices(labels, self.recipe.quantization.accuracy_subset, seed=0)
+
     def _validation_set(self, ctx: ModelContext, exported: Artifact, validation: ImageDataset) -> ValidationSet:
         """Preprocessed validation images, labels and FP32 PyTorch logits (cached by content)."""
         limit = self.recipe.data.limit
@@ -339,12 +350,14 @@ class Builder:
         # Target settings (e.g. OpenVINO's precision hint) matter for every precision, so they are
         # always passed and hashed; the calibration set only where the precision is calibrated.
         inputs["quantization"] = {**quant.for_target(target_name), "preprocess": ctx.loaded.preprocess.to_dict()}
+        inputs["model_hints"] = dataclasses.asdict(ctx.loaded.spec.quantization)  # they decide what stays float
         heldout = calib.heldout(self.recipe.calibration.heldout) if needs_calibration else None
         if needs_calibration:
             inputs["calibration"] = calib.key
             inputs["heldout"] = heldout.key if heldout else None
-            if quant.max_accuracy_drop is not None:
-                inputs["accuracy_control"] = val.key
+        tuning = self._tuning_set(heldout) if needs_calibration and quant.max_accuracy_drop is not None else None
+        if tuning is not None:
+            inputs["accuracy_control"] = {"split": "calibration.heldout", "key": heldout.key, "images": len(tuning)}
         started = time.perf_counter()
         with self.store.build(name, target_name, precision, inputs) as job:
             reused = job.done
@@ -356,14 +369,18 @@ class Builder:
                     family=ctx.loaded.spec.family,
                     config=inputs["quantization"],
                     torch_model=ctx.loaded.model,
+                    hints=ctx.loaded.spec.quantization,
                 )
                 if needs_calibration:
                     build_inputs.calibration = calib.images
                     build_inputs.heldout = heldout.images if heldout else None
-                    if quant.max_accuracy_drop is not None:
-                        subset = select_indices(val.labels, quant.accuracy_subset, seed=0)
-                        build_inputs.validation_images = val.images[subset]
-                        build_inputs.validation_labels = val.labels[subset]
+                    if heldout is not None:
+                        build_inputs.heldout_labels = heldout.dataset.labels[heldout.indices]
+                    if tuning is not None:
+                        # accuracy-aware search scores on the held-out split; the validation set is seen
+                        # only by the final measurement below
+                        build_inputs.heldout = heldout.images[tuning]
+                        build_inputs.heldout_labels = build_inputs.heldout_labels[tuning]
                 facts = target.build(build_inputs, precision, job.dir)
                 job.manifest.update(
                     {
@@ -386,6 +403,8 @@ class Builder:
                         "source": self.recipe.data.calibration,
                         "heldout": heldout.describe() if heldout else None,
                     }
+                    if tuning is not None:
+                        job.manifest["calibration"]["accuracy_tuned_on"] = inputs["accuracy_control"]
         artifact = job.artifact
         build_seconds = round(time.perf_counter() - started, 2)
         validations = artifact.manifest.get("validation", {})

@@ -46,8 +46,12 @@ class BuildInputs:
     calibration: np.ndarray | None = None
     # A held-out split of the calibration source (disjoint from `calibration`): what choices score on.
     heldout: np.ndarray | None = None
+    # Their labels: what accuracy-aware quantization scores on (never the validation set).
+    heldout_labels: np.ndarray | None = None
     # Targets that convert from PyTorch rather than ONNX (Core ML) get the FP32 model itself.
     torch_model: Any = None
+    # The model's quantization hints (ModelSpec.quantization): what must stay float, by module path.
+    hints: Any = None
     # For accuracy-aware quantization: a labelled validation subset and its FP32 reference logits.
     validation_images: np.ndarray | None = None
     validation_labels: np.ndarray | None = None

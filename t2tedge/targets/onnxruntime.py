@@ -116,12 +116,29 @@ def quantize_with_budget(
         facts: dict[str, Any] = dict(calibrated.facts)
         budget = inputs.config.get("max_accuracy_drop")
         if budget is not None:
-            if inputs.validation_images is None or inputs.validation_labels is None:
-                raise T2tedgeError("accuracy-aware quantization (max_accuracy_drop) needs labelled validation images")
             search = AccuracyAwareSearch(calibrated, inputs, float(budget), Path(tmp) / "trials")
             facts["accuracy_aware"] = search.run(model_path, out_dir)
             structure = facts["accuracy_aware"].pop("structure")
     return {**facts, **structure}
+
+
+HELDOUT = "calibration.heldout"
+
+
+def tuning_set(inputs: BuildInputs, what: str) -> tuple[np.ndarray, np.ndarray, str]:
+    """The labelled images accuracy-aware quantization scores on, and where they come from.
+
+    The held-out split of the calibration source (the pipeline passes nothing else: the validation set
+    is seen only by the final measurement). ``validation_images`` serve direct callers that pass them.
+    """
+    if inputs.heldout is not None and inputs.heldout_labels is not None and len(inputs.heldout):
+        return inputs.heldout, np.asarray(inputs.heldout_labels), HELDOUT
+    if inputs.validation_images is not None and inputs.validation_labels is not None:
+        return inputs.validation_images, np.asarray(inputs.validation_labels), "validation_images"
+    raise T2tedgeError(
+        f"{what}: accuracy-aware quantization (max_accuracy_drop) needs labelled held-out images "
+        "(calibration.heldout > 0, from a labelled calibration source)"
+    )
 
 
 class AccuracyAwareSearch:
@@ -138,8 +155,7 @@ class AccuracyAwareSearch:
         import onnx
 
         self.calibrated = calibrated
-        self.images = inputs.validation_images
-        self.labels = np.asarray(inputs.validation_labels)
+        self.images, self.labels, self.tuned_on = tuning_set(inputs, "onnxruntime/int8")
         self.budget = budget
         self.work_dir = work_dir
         work_dir.mkdir(parents=True, exist_ok=True)
@@ -172,6 +188,7 @@ class AccuracyAwareSearch:
         drop = self.fp32_top1 - final["top1"]
         summary = {
             "max_accuracy_drop": self.budget,
+            "tuned_on": self.tuned_on,
             "images": int(len(self.labels)),
             "sensitivity_images": int(min(SENSITIVITY_IMAGES, len(self.labels))),
             "fp32_top1": self.fp32_top1,
@@ -280,7 +297,8 @@ def _sensitivity_markdown(summary: dict[str, Any], nodes: list[dict[str, Any]]) 
         "# INT8 sensitivity (onnxruntime)",
         "",
         f"FP32 top-1 {summary['fp32_top1']:.2f} %, all-INT8 top-1 {summary['int8_top1_all_quantized']:.2f} %, "
-        f"final top-1 {summary['int8_top1']:.2f} % on {summary['images']} images: drop "
+        f"final top-1 {summary['int8_top1']:.2f} % on {summary['images']} images "
+        f"({summary.get('tuned_on', 'validation_images')}): drop "
         f"{summary['accuracy_drop']:.2f} points, budget {summary['max_accuracy_drop']} — {verdict}.",
         f"{len(summary['nodes_kept_fp32'])} of {summary['candidates']} quantized nodes kept FP32.",
         "",

@@ -285,8 +285,8 @@ def quantize(model: Any, inputs: BuildInputs, out_dir: Path) -> tuple[Any, dict[
     kwargs, record = quantization_settings(inputs, model)
     calibration = nncf.Dataset(_batches(inputs.calibration))
     max_drop = inputs.config.get("max_accuracy_drop")
-    if max_drop is not None and (inputs.validation_images is None or inputs.validation_labels is None):
-        raise T2tedgeError("accuracy-aware quantization needs labelled validation images")
+    if max_drop is not None:
+        tuning_set(inputs)  # a clear error before NNCF starts
     try:
         if max_drop is None:
             with quiet_nncf():
@@ -298,7 +298,15 @@ def quantize(model: Any, inputs: BuildInputs, out_dir: Path) -> tuple[Any, dict[
     (out_dir / SENSITIVITY_MD).write_text(sensitivity_markdown(sensitivity))
     record["accuracy_control"] = {
         k: sensitivity[k]
-        for k in ("max_drop_points", "fp32_top1", "int8_top1_before", "int8_top1", "achieved_drop_points", "images")
+        for k in (
+            "max_drop_points",
+            "tuned_on",
+            "fp32_top1",
+            "int8_top1_before",
+            "int8_top1",
+            "achieved_drop_points",
+            "images",
+        )
     }
     record["accuracy_control"]["reverted_operations"] = sensitivity["reverted_operations"]
     log(
@@ -306,6 +314,21 @@ def quantize(model: Any, inputs: BuildInputs, out_dir: Path) -> tuple[Any, dict[
         f"({len(sensitivity['reverted_operations'])} operations kept in floating point)"
     )
     return quantized, record
+
+
+def tuning_set(inputs: BuildInputs) -> tuple[np.ndarray, np.ndarray, str]:
+    """What accuracy control scores on: the held-out split of the calibration source, never the validation set.
+
+    ``validation_images`` serve direct callers that pass them; the pipeline passes only the held-out split.
+    """
+    if inputs.heldout is not None and inputs.heldout_labels is not None and len(inputs.heldout):
+        return inputs.heldout, np.asarray(inputs.heldout_labels), "calibration.heldout"
+    if inputs.validation_images is not None and inputs.validation_labels is not None:
+        return inputs.validation_images, np.asarray(inputs.validation_labels), "validation_images"
+    raise T2tedgeError(
+        "openvino int8: accuracy-aware quantization (max_accuracy_drop) needs labelled held-out images "
+        "(calibration.heldout > 0, from a labelled calibration source)"
+    )
 
 
 def _batches(images: np.ndarray) -> list[np.ndarray]:
@@ -328,8 +351,8 @@ def _quantize_with_accuracy_control(
     import nncf
     import openvino as ov
 
-    labels = np.asarray(inputs.validation_labels)
-    items = list(zip(_batches(inputs.validation_images), labels.tolist(), strict=True))
+    images, labels, tuned_on = tuning_set(inputs)
+    items = list(zip(_batches(images), labels.tolist(), strict=True))
     # validation_fn sees (image, label) items; NNCF's own inference on the set sees the image only.
     validation = nncf.Dataset(items, lambda item: item[0])
     advanced = kwargs.pop("advanced_parameters", None)
@@ -353,6 +376,7 @@ def _quantize_with_accuracy_control(
     initial_drop = sensitivity.pop("initial_drop")
     sensitivity = {
         "metric": "top-1 (%)",
+        "tuned_on": tuned_on,
         "images": int(len(labels)),
         "inference_precision": final_compiled.get_property("INFERENCE_PRECISION_HINT").to_string(),
         "max_drop_points": max_drop_points,
