@@ -277,3 +277,66 @@ def test_accuracy_aware_build_without_heldout_is_refused(tmp_path: Path) -> None
     )
     with pytest.raises(T2tedgeError, match=r"max_accuracy_drop needs labelled held-out images"):
         Builder(load_recipe(recipe)).run()
+
+
+def _bare_artifact(path: Path, classes: list[str], model: str = "t2t_vit_7", target: str = "onnxruntime") -> Path:
+    pre = Preprocess(input_size=32, resize_size=32, interpolation="bilinear")
+    io = {"family": "t2t_vit", "image_size": 32, "num_classes": 10, "classes": classes, "preprocess": pre.to_dict()}
+    path.mkdir(parents=True)
+    (path / "manifest.json").write_text(json.dumps({"model": model, "target": target, "model_io": io}))
+    return path
+
+
+FASHION = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+
+
+def test_validate_outside_a_store_caches_in_the_user_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from t2tedge.pipeline.validate import labelled_images
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    copied = _bare_artifact(tmp_path / "home" / "t2t-int8", FASHION)  # e.g. ~/t2t-int8: its grandparent is /
+    images, labels, _ = labelled_images(copied, "fashion_mnist:test", limit=4)
+    assert images.shape == (4, 3, 32, 32) and len(labels) == 4
+    assert list((tmp_path / "xdg" / "t2tedge" / "tensors").iterdir())
+    assert not (tmp_path / ".cache").exists()
+    # inside a store, the store's cache
+    store = tmp_path / "artifacts"
+    (store / ".cache").mkdir(parents=True)
+    inside = _bare_artifact(store / "t2t_vit_7" / "onnxruntime" / "fp32-12345678", FASHION)
+    labelled_images(inside, "fashion_mnist:test", limit=4)
+    assert list((store / ".cache" / "tensors").iterdir())
+
+
+def test_validate_refuses_classes_in_another_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from PIL import Image
+
+    from t2tedge.errors import DatasetError
+    from t2tedge.pipeline.validate import labelled_images
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    for name in ("bag", "coat"):
+        (tmp_path / "data" / name).mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / "data" / name / "0.png")
+    data = str(tmp_path / "data")
+    with pytest.raises(DatasetError, match="in another order") as caught:
+        labelled_images(_bare_artifact(tmp_path / "a", ["coat", "bag"]), data)
+    assert "\n" not in str(caught.value)
+    with pytest.raises(DatasetError, match=r"classes differ from the model's \(1 not among them, e.g. 'coat'\)"):
+        labelled_images(_bare_artifact(tmp_path / "b", ["bag", "shirt"]), data)
+    images, labels, _ = labelled_images(_bare_artifact(tmp_path / "c", ["bag", "coat"]), data)
+    assert labels.tolist() == [0, 1]
+
+
+def test_build_refuses_an_unlabelled_validation_folder(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from t2tedge.errors import DatasetError
+
+    (tmp_path / "photos").mkdir()
+    for i in range(3):
+        Image.new("RGB", (8, 8)).save(tmp_path / "photos" / f"{i}.png")
+    recipe = _recipe(tmp_path, _tiny_checkpoint(tmp_path), data={"validation": str(tmp_path / "photos")})
+    with pytest.raises(DatasetError, match=r"photos has no labels; validation needs class subfolders") as caught:
+        Builder(load_recipe(recipe)).run()
+    assert "\n" not in str(caught.value)
+    assert not (tmp_path / "artifacts" / "t2t_vit_7").exists()  # refused before the export

@@ -149,6 +149,10 @@ class Builder:
     def run(self) -> list[BuildRow]:
         rows: list[BuildRow] = []
         validation = open_dataset(self.recipe.data.validation)
+        if (validation.labels < 0).all():
+            raise DatasetError(
+                f"{self.recipe.data.validation} has no labels; validation needs class subfolders or a labelled CSV"
+            )
         calibration_source = open_dataset(self.recipe.data.calibration)
         for entry in self.recipe.models:
             ctx = self._load(entry)

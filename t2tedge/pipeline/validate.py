@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -49,12 +50,44 @@ def labelled_images(path: str | Path, data: str, limit: int | None = None) -> tu
         raise DatasetError(f"{data} has no labels; validation needs class subfolders or a labelled CSV")
     if len(dataset.classes) > io["num_classes"]:
         raise DatasetError(f"{data} has {len(dataset.classes)} classes but the model predicts {io['num_classes']}")
+    check_classes(io.get("classes") or [], dataset.classes, data)
     indices = select_indices(dataset.labels, limit, seed=0) if limit else np.arange(len(dataset), dtype=np.int64)
-    cache = Path(path).parent.parent.parent / ".cache" / "tensors"
+    cache = tensor_cache_dir(Path(path), manifest)
     images, key, _ = cached_preprocess(
         dataset, indices, Preprocess.from_dict(io["preprocess"]), cache, "validation images"
     )
     return images, dataset.labels[indices], key
+
+
+def check_classes(model_classes: list[str], dataset_classes: list[str], data: str) -> None:
+    """Refuse a dataset whose class names differ from the model's (label i must mean the model's class i)."""
+    if not model_classes or not dataset_classes or list(model_classes) == list(dataset_classes):
+        return
+    if set(model_classes) == set(dataset_classes):
+        raise DatasetError(
+            f"{data} has the model's classes in another order ({', '.join(dataset_classes[:3])}, ... vs "
+            f"{', '.join(model_classes[:3])}, ...): its labels would be permuted; order them as the model does"
+        )
+    missing = [c for c in dataset_classes if c not in model_classes]
+    raise DatasetError(
+        f"{data}'s classes differ from the model's ({len(missing)} not among them, e.g. {missing[0]!r})"
+        if missing
+        else f"{data}'s classes differ from the model's"
+    )
+
+
+def tensor_cache_dir(path: Path, manifest: dict[str, Any]) -> Path:
+    """The store's tensor cache for an artifact inside a store; else the user's cache directory."""
+    store = path.resolve().parent.parent.parent
+    in_store = (
+        path.resolve().parent.name == manifest.get("target")
+        and path.resolve().parent.parent.name == manifest.get("model")
+        and (store / ".cache").is_dir()
+    )
+    if in_store:
+        return store / ".cache" / "tensors"
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "t2tedge" / "tensors"
 
 
 def validate_artifact(
