@@ -252,8 +252,14 @@ def test_w8a8_of_the_demo_t2t_vit_needs_float_modules(tmp_path: Path) -> None:
     size = loaded.image_size
     inputs = BuildInputs(Path("unused.onnx"), size, 10, "t2t_vit", {}, calibration, torch_model=loaded.model)
     with pytest.raises(T2tedgeError, match=r"outputs are not finite .* coreml\.float_modules$") as caught:
-        get_target("coreml").build(inputs, "w8a8", tmp_path)
+        get_target("coreml").build(inputs, "w8a8", tmp_path / "bare")
     assert "\n" not in str(caught.value)
+    # the model's own hint (ModelSpec.quantization, as the Builder passes it) keeps that math float
+    inputs.hints = get_spec("t2t_vit_7").quantization
+    (tmp_path / "hinted").mkdir()
+    facts = get_target("coreml").build(inputs, "w8a8", tmp_path / "hinted")
+    assert facts["quantization"]["float_module_patterns"] == ["tokens_to_token.attention?"]
+    assert facts["quantization"]["float_modules"] == ["tokens_to_token.attention1", "tokens_to_token.attention2"]
 
 
 def test_w8a8_emulation_computes_in_float16(build: Callable[..., Artifact], images) -> None:

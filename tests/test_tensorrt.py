@@ -498,6 +498,13 @@ def test_range_check_pins_the_overflowing_layer_in_every_script(overflowing: tup
     ranges = json.loads((out / "fp16_ranges.json").read_text())
     assert ranges["fp32_tensors"] == ["logits"] and ranges["tensors"]["logits"]["max_abs"] > 65504
     assert any(f["rule"] == "fp16-overflow" and f["severity"] == "info" for f in facts["lint"]["findings"])
+    # the CLI reads the artifact's ranges by itself: clean while pinned, an error naming the node if not
+    clean = _cli("tensorrt-lint", str(out / "model.onnx"))
+    assert clean.returncode == 0 and "FP16 ranges from" in clean.stdout, clean.stdout + clean.stderr
+    unpinned = {**ranges, "fp32_tensors": []}
+    (out.parent / "unpinned.json").write_text(json.dumps(unpinned))
+    broken = _cli("tensorrt-lint", str(out / "model.onnx"), "--ranges", str(out.parent / "unpinned.json"))
+    assert broken.returncode == 1 and gemm in broken.stdout and "fp16-overflow" in broken.stdout
 
 
 def test_pinned_emulation_is_finite_and_unpinned_validation_fails(

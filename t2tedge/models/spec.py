@@ -73,6 +73,18 @@ class PaperFacts:
 
 
 @dataclass(frozen=True)
+class QuantizationHints:
+    """What a model tells the targets about quantizing it; targets read these, never model classes.
+
+    ``float_modules``: module-path globs whose own arithmetic (not their Linear/Conv layers) stays float
+    in quantizers that quantize every op (Core ML's w8a8): T2T-ViT's Performer kernel, whose
+    exponentials and normalizer lose everything at 8 bits.
+    """
+
+    float_modules: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     """Everything t2tedge knows about one model variant.
 
@@ -95,6 +107,7 @@ class ModelSpec:
     pretrained_url: str | None = None
     checkpoint_filter: Callable[[dict[str, Any], nn.Module], dict[str, Any]] | None = None
     build_kwargs: dict[str, Any] = field(default_factory=dict)
+    quantization: QuantizationHints = field(default_factory=QuantizationHints)
 
     def create(self, num_classes: int = 1000, image_size: int | None = None, **kwargs: Any) -> nn.Module:
         """Build the model (random init) for ``num_classes`` at ``image_size``."""

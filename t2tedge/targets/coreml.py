@@ -189,7 +189,9 @@ class CoreMLTarget:
         model, facts = _model_form(copy.deepcopy(inputs.torch_model).float().eval(), soft_split)
         example = torch.zeros(1, 3, inputs.image_size, inputs.image_size)
         if precision == "w8a8":
-            float_modules = [str(p) for p in config.get("float_modules") or []]
+            # the recipe's patterns, else the model's own hint (module paths; the target names no model)
+            hinted = inputs.hints.float_modules if inputs.hints is not None else ()
+            float_modules = [str(p) for p in (config.get("float_modules") or hinted)]
             model, facts["quantization"] = _calibrated_w8a8(model, calibration, config, float_modules)
         # What the package computes, in torch: the range check runs it before the (slower) conversion.
         if precision == "fp32":
