@@ -141,7 +141,10 @@ def load_model(
     classes_found = num_classes_of(spec, ckpt.state_dict)
     if num_classes is not None and num_classes != classes_found:
         raise CheckpointError(f"{checkpoint} has {classes_found} classes, not the {num_classes} asked for")
-    pre = Preprocess.from_dict(meta["preprocess"]) if "preprocess" in meta else spec.preprocess
+    pre = _preprocess_of(meta["preprocess"], checkpoint) if "preprocess" in meta else spec.preprocess
+    classes = meta.get("classes", [])
+    if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
+        raise CheckpointError(f"{checkpoint}: its metadata 'classes' is not a list of class names")
     if image_size is not None and image_size != pre.input_size:
         pre = pre.at_size(image_size)
     model = spec.create(num_classes=classes_found, image_size=pre.input_size)
@@ -152,9 +155,27 @@ def load_model(
         classes_found,
         pre.input_size,
         pre,
-        classes=list(meta.get("classes", [])),
+        classes=list(classes),
         weights=str(checkpoint),
     )
+
+
+def _preprocess_of(data: Any, checkpoint: str | Path) -> Preprocess:
+    """The preprocessing a checkpoint's metadata names; a clear error when it is not one."""
+    problem = f"{checkpoint}: its metadata 'preprocess' is unusable"
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{problem} (a {type(data).__name__}, not a mapping)")
+    sizes = [data.get("input_size"), data.get("resize_size")]
+    if not all(isinstance(v, int) and not isinstance(v, bool) and 0 < v <= 8192 for v in sizes):
+        raise CheckpointError(f"{problem} (input_size and resize_size must be whole numbers of pixels)")
+    for key in ("mean", "std"):
+        values = data.get(key)
+        numbers = isinstance(values, list | tuple) and len(values) == 3
+        if not numbers or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
+            raise CheckpointError(f"{problem} ({key} must be three numbers)")
+    if not isinstance(data.get("interpolation"), str) or not all(v != 0 for v in data["std"]):
+        raise CheckpointError(f"{problem} (interpolation must be a name and std non-zero)")
+    return Preprocess.from_dict(data)
 
 
 def save_checkpoint(path: str | Path, model: nn.Module, meta: dict[str, Any]) -> None:

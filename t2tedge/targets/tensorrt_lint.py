@@ -144,11 +144,52 @@ def lint(
         return [Finding(ERROR, "", "", "onnx-file", f"{path} is not an ONNX model (no graph nodes)")]
     findings = [*_check_opset(model), *_check_io(model), *_check_order(model)]
     findings += _check_operators(model)
-    findings += _QdqRules(model).check()
+    malformed = _check_structure(model)
+    # The Q/DQ rules read scales, zero points and weights: only a well-formed graph has them to read.
+    findings += malformed or _QdqRules(model).check()
     if tensor_ranges is not None or fp32_tensors:
         findings += _check_fp16_ranges(model, tensor_ranges or {}, fp32_tensors)
     order = {ERROR: 0, WARNING: 1, INFO: 2}
     return sorted(findings, key=lambda f: order[f.severity])
+
+
+def _check_structure(model: Any) -> list[Finding]:
+    """What the ONNX parser rejects before any TensorRT rule applies: Q/DQ arity, tensors that do not decode."""
+    from onnx import numpy_helper
+
+    findings = []
+    for node in model.graph.node:
+        wrong = (node.op_type in (Q_OP, DQ_OP) and (len(node.input) < 2 or len(node.output) != 1)) or (
+            node.op_type == "Constant" and len(node.output) != 1
+        )
+        if wrong:
+            findings.append(
+                Finding(
+                    ERROR,
+                    node.name,
+                    node.op_type,
+                    "malformed-graph",
+                    f"{node.op_type} with {len(node.input)} inputs and {len(node.output)} outputs: not a valid "
+                    "ONNX node (TensorRT's parser rejects the model)",
+                )
+            )
+    constants = [*model.graph.initializer]
+    constants += [a.t for n in model.graph.node if n.op_type == "Constant" for a in n.attribute if a.name == "value"]
+    for tensor in constants:
+        try:
+            numpy_helper.to_array(tensor)
+        except Exception as exc:  # noqa: BLE001  (onnx raises several types for a tensor that does not decode)
+            findings.append(
+                Finding(
+                    ERROR,
+                    tensor.name,
+                    "initializer",
+                    "malformed-graph",
+                    f"tensor {tensor.name!r} does not decode (dtype {tensor.data_type}, dims {list(tensor.dims)}: "
+                    f"{type(exc).__name__}): TensorRT's parser rejects the model",
+                )
+            )
+    return findings
 
 
 def _check_opset(model: Any) -> list[Finding]:
