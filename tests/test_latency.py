@@ -33,3 +33,50 @@ def test_interleaved_rounds_meet_count_and_time() -> None:
     assert timed[:5] == ["fast"] * 5 and timed[5:15] == ["slow"] * 10  # order reverses each round
     stats = summarize(times["slow"])
     assert stats["latency_ms_p50"] >= 2.0 and stats["iterations"] == len(times["slow"])
+
+
+def test_stored_results_are_reused_only_on_the_same_host(tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    import json
+
+    import torch
+
+    from t2tedge.evaluation import host
+    from t2tedge.models import get_spec
+    from t2tedge.models.spec import Preprocess
+    from t2tedge.pipeline.bench import bench_artifacts
+    from t2tedge.pipeline.export import export_onnx
+    from t2tedge.pipeline.recipe import BenchmarkConfig
+    from t2tedge.pipeline.store import Artifact
+    from t2tedge.pipeline.validate import stored_validation, validate_artifact
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    torch.manual_seed(0)
+    path = tmp_path / "copied-int8"
+    path.mkdir()
+    export_onnx(get_spec("mobilenet_v3_small").create(num_classes=10, image_size=32), 32, path / "model.onnx")
+    pre = Preprocess(input_size=32, resize_size=32, interpolation="bilinear")
+    io = {"family": "mobilenet", "image_size": 32, "num_classes": 10, "classes": [], "preprocess": pre.to_dict()}
+    manifest = {"model": "mobilenet_v3_small", "target": "onnxruntime", "precision": "fp32", "model_io": io}
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    cfg = BenchmarkConfig(warmup=1, min_iters=3, min_seconds=0, efficiency=False, threads=[1])
+    here = host.host_fingerprint()
+    (first,) = bench_artifacts([path], cfg)
+    assert first["host_fingerprint"] == here and not first["reused"]
+    assert bench_artifacts([path], cfg)[0]["reused"]  # same host: reused
+    result = validate_artifact(path, "fashion_mnist:test", limit=8, threads=1)
+    assert result["host_fingerprint"] == here
+    (key,) = Artifact(path).manifest["validation"]
+    assert stored_validation(Artifact(path), key) is not None
+
+    monkeypatch.setattr(host, "host_fingerprint", lambda: "0therh0st000")  # the artifact copied elsewhere
+    (again,) = bench_artifacts([path], cfg)
+    assert not again["reused"] and again["host_fingerprint"] == "0therh0st000"
+    latency = Artifact(path).manifest["latency"]
+    assert latency[f"host-{here}/b1-t1"]["latency_ms_p50"] == first["latency_ms_p50"]  # kept, under its host
+    assert latency[f"host-{here}/b1-t1"]["host"] == f"host-{here}"
+    assert latency["local/b1-t1"]["host_fingerprint"] == "0therh0st000"
+    assert stored_validation(Artifact(path), key) is None  # another host's accuracy is not reused
+    validate_artifact(path, "fashion_mnist:test", limit=8, threads=1)
+    validation = Artifact(path).manifest["validation"]
+    assert validation[key]["host_fingerprint"] == "0therh0st000"
+    assert validation[f"{key}@host-{here}"]["host_fingerprint"] == here

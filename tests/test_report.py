@@ -111,3 +111,21 @@ def test_bench_cli_reuses_stored_numbers_unless_forced(build: tuple[Path, list],
 def test_pareto_front_keeps_only_undominated_points() -> None:
     points = [(1.0, 80.0), (2.0, 85.0), (1.5, 79.0), (3.0, 84.0), (4.0, 90.0), (0.5, 70.0)]
     assert pareto_front(points) == [(0.5, 70.0), (1.0, 80.0), (2.0, 85.0), (4.0, 90.0)]
+
+
+def test_report_shows_another_hosts_numbers_under_that_host(
+    build: tuple[Path, list], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from t2tedge.evaluation import host
+    from t2tedge.report.collect import collect
+
+    out_dir, rows = build
+    measured_on = f"host-{host.host_fingerprint()}"
+    monkeypatch.setattr(host, "host_fingerprint", lambda: "0therh0st000")  # the build directory copied elsewhere
+    data = collect(out_dir)
+    assert "local" not in data.hosts and measured_on in data.hosts
+    ort = next(r for r in data.rows if (r.model, r.target, r.precision) == ("t2t_vit_7", "onnxruntime", "int8"))
+    assert ort.latency[measured_on]["label"] == "measured" and ort.p50() is None  # never as this host's
+    assert ort.accuracy["host"] == measured_on
+    text = write_report(out_dir, tmp_path).markdown.read_text()
+    assert f"measured @{measured_on}" in text and f"p50 ms @{measured_on}" in text

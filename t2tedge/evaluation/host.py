@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib.metadata
+import json
 import os
 import platform
 import socket
@@ -28,6 +30,24 @@ def host_info() -> dict[str, Any]:
         "platform": platform.platform(terse=True),
         "versions": library_versions(),
     }
+
+
+# What decides a stored number: the CPU, its ISA, cores and the runtimes (not the hostname).
+FINGERPRINT_FACTS = ("machine", "processor", "cores", "isa", "versions")
+
+
+@functools.cache
+def host_fingerprint() -> str:
+    """A short hash of the CPU model, ISA flags, cores and runtime versions: stored results are reused only
+    on the same fingerprint."""
+    info = host_info()
+    facts = {key: info[key] for key in FINGERPRINT_FACTS}
+    return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def host_label(fingerprint: str | None) -> str:
+    """How results of another host are named in manifests and reports."""
+    return f"host-{fingerprint or 'unrecorded'}"
 
 
 def library_versions() -> dict[str, str]:

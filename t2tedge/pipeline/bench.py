@@ -2,9 +2,10 @@
 
 Results land in each artifact's manifest under ``latency`` keyed by ``<host>/b<batch>-t<threads>``, so a
 rerun with the same settings on the same host reuses them, and numbers from other hosts (remote
-devices) sit beside local ones. A number is ``measured`` only when the target's real runtime ran it:
-an emulated stand-in (TensorRT's Q/DQ graph on onnxruntime, Core ML's torch emulation) is never timed,
-its latency is ``unavailable`` with the reason.
+devices) sit beside local ones. A local record carries this host's fingerprint; on another host (a copied
+artifact) it is measured afresh and the old one kept under ``host-<fingerprint>/...``. A number is
+``measured`` only when the target's real runtime ran it: an emulated stand-in (TensorRT's Q/DQ graph on
+onnxruntime, Core ML's torch emulation) is never timed, its latency is ``unavailable`` with the reason.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ from typing import Any
 import numpy as np
 
 from t2tedge.devices.remote_runner import FIXED_BATCH_REASON
+from t2tedge.evaluation import host as this_host
 from t2tedge.evaluation.accuracy import MEASURED, UNAVAILABLE
-from t2tedge.evaluation.host import host_info
+from t2tedge.evaluation.host import host_info, host_label
 from t2tedge.evaluation.latency import summarize, time_interleaved
 from t2tedge.pipeline.recipe import BenchmarkConfig
 from t2tedge.pipeline.store import Artifact, read_manifest
@@ -43,11 +45,26 @@ def _settings(cfg: BenchmarkConfig) -> dict[str, Any]:
     return {k: getattr(cfg, k) for k in ("warmup", "min_iters", "min_seconds", "round_iters")}
 
 
+def _set_aside_foreign(artifact: Artifact, key: str) -> None:
+    """A local record measured on another host (a copied artifact) moves to that host's key, kept and labelled."""
+    old = artifact.manifest.get("latency", {}).get(key)
+    host, at = key.split("/", 1)
+    if old is None or host != LOCAL or old.get("host_fingerprint") == this_host.host_fingerprint():
+        return
+    other = host_label(old.get("host_fingerprint"))
+    artifact.update_manifest(latency={f"{other}/{at}": {**old, "host": other}})
+
+
 def _reused(artifact: Artifact, key: str, settings: dict[str, Any], force: bool, records: list[dict[str, Any]]) -> bool:
-    """Append the stored record of this point when it was measured with the same settings (unless forced)."""
+    """Append the stored record of this point when it was measured with the same settings (unless forced).
+
+    A local record is reused only when this host's fingerprint measured it.
+    """
     manifest = artifact.manifest
     old = manifest.get("latency", {}).get(key)
     if force or not old or old.get("settings") != settings or old.get("label") != MEASURED:
+        return False
+    if key.startswith(f"{LOCAL}/") and old.get("host_fingerprint") != this_host.host_fingerprint():
         return False
     records.append(_record(manifest, artifact, key, old, reused=True))
     return True
@@ -107,6 +124,7 @@ def bench_artifacts(
             inputs: dict[str, np.ndarray] = {}
             pending: dict[str, tuple[Artifact, dict[str, Any]]] = {}
             for artifact in artifacts:
+                _set_aside_foreign(artifact, key)
                 if _reused(artifact, key, settings, force, records):
                     continue
                 manifest = artifact.manifest
@@ -208,6 +226,7 @@ def _prepare(
     base: dict[str, Any] = {
         "host": LOCAL,
         "host_info": host_info(),
+        "host_fingerprint": this_host.host_fingerprint(),
         "batch": batch,
         "threads_requested": threads or "all",
         "settings": settings,

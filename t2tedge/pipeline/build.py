@@ -27,7 +27,7 @@ from t2tedge.models import LoadedModel, demo_checkpoint, get_spec, load_model, p
 from t2tedge.pipeline.export import GRAPH_REVISION, ONNX_FILE, export_onnx, parity, torch_logits
 from t2tedge.pipeline.recipe import ModelEntry, Recipe
 from t2tedge.pipeline.store import Artifact, ArtifactStore, sha256_file, write_json
-from t2tedge.pipeline.validate import run_validation
+from t2tedge.pipeline.validate import run_validation, store_validation, stored_validation
 from t2tedge.progress import log
 from t2tedge.targets import BuildInputs, check_precision, get_target
 
@@ -411,8 +411,7 @@ class Builder:
                         job.manifest["calibration"]["accuracy_tuned_on"] = inputs["accuracy_control"]
         artifact = job.artifact
         build_seconds = round(time.perf_counter() - started, 2)
-        validations = artifact.manifest.get("validation", {})
-        accuracy = validations.get(val.key[:16])
+        accuracy = stored_validation(artifact, val.key[:16])  # only this host's: precision defaults differ
         if accuracy is None:
             accuracy = run_validation(target, artifact, val.images, val.labels, val.reference, self.recipe.threads)
             accuracy["dataset"] = self.recipe.data.validation
@@ -420,7 +419,7 @@ class Builder:
             if needs_calibration and overlap:
                 # calibrated on images it is then scored on: marked in the manifest, summary and report
                 accuracy["calibration_overlap"] = overlap
-            artifact.update_manifest(validation={val.key[:16]: accuracy})
+            store_validation(artifact, val.key[:16], accuracy)
         verb = "reused" if reused else "built"
         top1 = f"top-1 {accuracy['top1']:.2f}% ({accuracy['label']})" if "top1" in accuracy else accuracy["label"]
         log(f"  {target_name}/{precision}: {verb} {artifact.path}; {top1}")

@@ -12,7 +12,9 @@ from t2tedge.calibration import select_indices
 from t2tedge.data.cache import cached_preprocess
 from t2tedge.data.datasets import open_dataset
 from t2tedge.errors import ArtifactError, DatasetError
+from t2tedge.evaluation import host as this_host
 from t2tedge.evaluation.accuracy import MEASURED, accuracy_report, run_batched, unavailable
+from t2tedge.evaluation.host import host_label
 from t2tedge.models.spec import Preprocess
 from t2tedge.pipeline.store import Artifact, read_manifest
 from t2tedge.targets import Target, get_target
@@ -34,6 +36,26 @@ def run_validation(
     label = getattr(runner, "label", MEASURED)
     note = getattr(runner, "emulation", "") if label != MEASURED else ""
     return accuracy_report(run_batched(runner, images), labels, label, reference, note=note)
+
+
+def stored_validation(artifact: Artifact, key: str) -> dict[str, Any] | None:
+    """The stored validation of this set, if this host (same fingerprint) measured it."""
+    record = artifact.manifest.get("validation", {}).get(key)
+    if record is None or record.get("host_fingerprint") != this_host.host_fingerprint():
+        return None
+    return record
+
+
+def store_validation(artifact: Artifact, key: str, result: dict[str, Any]) -> None:
+    """Store a validation under ``key`` with this host's fingerprint; another host's record there is kept
+    under ``key@host-<fingerprint>``."""
+    result["host_fingerprint"] = this_host.host_fingerprint()
+    old = artifact.manifest.get("validation", {}).get(key)
+    section = {key: result}
+    if old is not None and old.get("host_fingerprint") != result["host_fingerprint"]:
+        other = host_label(old.get("host_fingerprint"))
+        section[f"{key}@{other}"] = {**old, "host": other}
+    artifact.update_manifest(validation=section)
 
 
 def labelled_images(path: str | Path, data: str, limit: int | None = None) -> tuple[np.ndarray, np.ndarray, str]:
@@ -98,5 +120,5 @@ def validate_artifact(
     artifact = Artifact(Path(path))
     result = run_validation(get_target(artifact.manifest["target"]), artifact, images, labels, None, threads)
     result["dataset"] = data
-    artifact.update_manifest(validation={key[:16]: result})
+    store_validation(artifact, key[:16], result)
     return result

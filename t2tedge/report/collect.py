@@ -8,7 +8,9 @@ from pathlib import Path
 from typing import Any
 
 from t2tedge.errors import ArtifactError
+from t2tedge.evaluation import host as this_host
 from t2tedge.evaluation.accuracy import MEASURED, UNAVAILABLE
+from t2tedge.evaluation.host import host_label
 from t2tedge.pipeline.bench import LOCAL, point_key
 from t2tedge.pipeline.store import Artifact
 from t2tedge.targets import get_target, payload_bytes
@@ -116,14 +118,21 @@ def _row(artifact: Artifact, item: dict[str, Any], point: dict[str, Any], models
     target = get_target(manifest["target"])
     validation = manifest.get("validation", {})
     accuracy = item.get("accuracy") or {}
-    # the manifest may hold a newer validation of the same set (e.g. re-validated on a device)
+    # the manifest may hold a newer validation of the same set (e.g. re-validated on a device); this
+    # host's numbers come first, another host's are labelled with it
     for record in validation.values():
         if record.get("dataset") == accuracy.get("dataset") and record.get("images") == accuracy.get("images"):
             accuracy = record if _rank(record) >= _rank(accuracy) else accuracy
+    if accuracy.get("host_fingerprint") not in (None, this_host.host_fingerprint()):
+        accuracy = {**accuracy, "host": host_label(accuracy["host_fingerprint"])}
     primary = point_key(point["batch"], point["threads"])
     latency, sweep = {}, []
     for key, record in manifest.get("latency", {}).items():
         host, at = key.split("/", 1)
+        if host == LOCAL and record.get("host_fingerprint") != this_host.host_fingerprint():
+            host = host_label(record.get("host_fingerprint"))  # measured where the artifact came from
+            if f"{host}/{at}" in manifest["latency"]:
+                continue
         sweep.append({"host": host, **record})
         if at == primary:
             latency[host] = record
@@ -144,5 +153,6 @@ def _row(artifact: Artifact, item: dict[str, Any], point: dict[str, Any], models
     )
 
 
-def _rank(record: dict[str, Any]) -> int:
-    return {"measured": 2, "emulated": 1}.get(record.get("label", ""), 0)
+def _rank(record: dict[str, Any]) -> tuple[bool, int]:
+    here = record.get("host_fingerprint") in (None, this_host.host_fingerprint())
+    return here, {"measured": 2, "emulated": 1}.get(record.get("label", ""), 0)

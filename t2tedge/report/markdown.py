@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from t2tedge.evaluation.accuracy import MEASURED
+from t2tedge.pipeline.bench import LOCAL
 from t2tedge.report.collect import ReportData, Row
 
 
@@ -28,7 +29,8 @@ def accuracy_cell(data: ReportData, row: Row) -> str:
     delta = f" ({acc['top1'] - ref:+.2f})" if ref is not None else ""
     overlap = acc.get("calibration_overlap")
     overlap = f" (⚠ calibrated on {overlap} of these images)" if overlap else ""
-    return f"{acc['top1']:.2f}{delta} {acc['label']}{overlap}"
+    where = f" @{acc['host']}" if acc.get("host") else ""  # validated on another host
+    return f"{acc['top1']:.2f}{delta} {acc['label']}{where}{overlap}"
 
 
 def latency_cells(data: ReportData, row: Row, host: str) -> list[str]:
@@ -55,7 +57,7 @@ def latency_cells(data: ReportData, row: Row, host: str) -> list[str]:
 def target_table(data: ReportData, target: str) -> str:
     header = ["model", "precision", "size", "top-1 % (± vs FP32 torch), label"]
     for host in data.hosts:
-        suffix = "" if len(data.hosts) == 1 else f" @{host}"
+        suffix = "" if data.hosts == [LOCAL] else f" @{host}"  # another host's numbers always say whose
         header += [f"p50 ms{suffix}", f"p90 ms{suffix}", f"img/s{suffix}", f"speed-up{suffix}", f"efficiency{suffix}"]
     rows = []
     for row in (r for r in data.rows if r.target == target):
