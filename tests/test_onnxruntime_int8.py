@@ -242,8 +242,13 @@ def test_accuracy_aware_keeps_sensitive_nodes_fp32(mobilenet_onnx: Path, images:
     report = json.loads((tmp_path / SENSITIVITY_JSON).read_text())
     assert (tmp_path / SENSITIVITY_MD).read_text().startswith("# INT8 sensitivity")
     assert aware["fp32_top1"] == 100.0 and aware["int8_top1_all_quantized"] < 100.0
-    assert len(aware["nodes_kept_fp32"]) >= 1 and aware["met"] == (aware["accuracy_drop"] <= 0.01)
-    assert aware["int8_top1"] == pytest.approx(100.0 - aware["accuracy_drop"])
+    assert len(aware["nodes_kept_fp32"]) >= 1
+    # independently of what the search reports: the artifact, run on the same images, keeps every
+    # FP32 prediction (a 0.01-point budget on 32 images allows no flip)
+    achieved_top1 = 100.0 * float((OnnxRuntimeRunner(tmp_path / "model.onnx")(validation).argmax(1) == labels).mean())
+    assert 100.0 - achieved_top1 <= 0.01
+    assert aware["met"] and aware["int8_top1"] == pytest.approx(achieved_top1)
+    assert aware["accuracy_drop"] == pytest.approx(100.0 - achieved_top1)
     assert len(report["nodes"]) == aware["candidates"]
     assert {n["node"] for n in report["nodes"] if n["kept_fp32"]} == set(aware["nodes_kept_fp32"])
     assert set(report["nodes"][0]) >= {"node", "op_type", "top1_gain", "logit_mse_reduction", "kept_fp32"}

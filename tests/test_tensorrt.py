@@ -405,10 +405,23 @@ def test_availability_and_emulated_runner(built: dict, images: np.ndarray) -> No
 
 def test_accuracy_aware_budget_is_honoured(built: dict, images: np.ndarray, tmp_path: Path) -> None:
     fp32 = built["mobilenet_v2"][0]
-    inputs = BuildInputs(fp32, SIZE, 10, "", {**CONFIG, "max_accuracy_drop": 100.0}, images[:8])
-    inputs.validation_images, inputs.validation_labels = images[8:], np.arange(8) % 10
+    dataset = open_dataset("fashion_mnist:test")
+    pre = Preprocess(input_size=SIZE, resize_size=SIZE, interpolation="bilinear")
+    heldout = preprocess(dataset, np.arange(40), pre, "held-out images")
+    # labels = the FP32 predictions: FP32 top-1 is 100 %, and on 40 images one flipped prediction costs
+    # 2.5 points, so a 2-point budget allows none; all-INT8 flips some (checked), so the budget binds.
+    labels = OnnxRuntimeRunner(fp32)(heldout).argmax(1)
+    inputs = BuildInputs(fp32, SIZE, 10, "", {**CONFIG, "max_accuracy_drop": 2.0}, images[:8])
+    inputs.validation_images, inputs.validation_labels = heldout, labels
     facts = get_target("tensorrt").build(inputs, "int8", tmp_path)
-    assert facts["accuracy_aware"]["met"] and facts["accuracy_aware"]["label"] == "emulated"
+    aware = facts["accuracy_aware"]
+    assert aware["label"] == "emulated" and aware["fp32_top1"] == 100.0
+    assert aware["int8_top1_all_quantized"] < 100.0 - 2.0
+    # independently: the artifact's graph, run on the same images in the arithmetic the search judged
+    # (onnxruntime's FP32 stand-in), stays within the budget
+    achieved_top1 = 100.0 * float((OnnxRuntimeRunner(tmp_path / "model.onnx")(heldout).argmax(1) == labels).mean())
+    assert 100.0 - achieved_top1 <= 2.0
+    assert aware["met"] and aware["accuracy_drop"] == pytest.approx(100.0 - achieved_top1)
     assert facts["lint"]["error"] == 0
 
 
