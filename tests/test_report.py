@@ -126,6 +126,7 @@ def test_report_shows_another_hosts_numbers_under_that_host(
     assert "local" not in data.hosts and measured_on in data.hosts
     ort = next(r for r in data.rows if (r.model, r.target, r.precision) == ("t2t_vit_7", "onnxruntime", "int8"))
     assert ort.latency[measured_on]["label"] == "measured" and ort.p50() is None  # never as this host's
-    assert ort.accuracy["host"] == measured_on
+    assert ort.accuracy["host_label"] == measured_on
+    assert {p["host"] for p in ort.sweep} == {measured_on}
     text = write_report(out_dir, tmp_path).markdown.read_text()
     assert f"measured @{measured_on}" in text and f"p50 ms @{measured_on}" in text

@@ -54,7 +54,7 @@ def store_validation(artifact: Artifact, key: str, result: dict[str, Any]) -> No
     section = {key: result}
     if old is not None and old.get("host_fingerprint") != result["host_fingerprint"]:
         other = host_label(old.get("host_fingerprint"))
-        section[f"{key}@{other}"] = {**old, "host": other}
+        section[f"{key}@{other}"] = {**old, "host_label": other}
     artifact.update_manifest(validation=section)
 
 

@@ -124,7 +124,7 @@ def _row(artifact: Artifact, item: dict[str, Any], point: dict[str, Any], models
         if record.get("dataset") == accuracy.get("dataset") and record.get("images") == accuracy.get("images"):
             accuracy = record if _rank(record) >= _rank(accuracy) else accuracy
     if accuracy.get("host_fingerprint") not in (None, this_host.host_fingerprint()):
-        accuracy = {**accuracy, "host": host_label(accuracy["host_fingerprint"])}
+        accuracy = {**accuracy, "host_label": host_label(accuracy["host_fingerprint"])}
     primary = point_key(point["batch"], point["threads"])
     latency, sweep = {}, []
     for key, record in manifest.get("latency", {}).items():
@@ -133,7 +133,7 @@ def _row(artifact: Artifact, item: dict[str, Any], point: dict[str, Any], models
             host = host_label(record.get("host_fingerprint"))  # measured where the artifact came from
             if f"{host}/{at}" in manifest["latency"]:
                 continue
-        sweep.append({"host": host, **record})
+        sweep.append({**record, "host": host})
         if at == primary:
             latency[host] = record
     family = models.get(manifest["model"], {}).get("family") or manifest.get("model_io", {}).get("family", "")

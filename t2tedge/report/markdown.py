@@ -29,7 +29,7 @@ def accuracy_cell(data: ReportData, row: Row) -> str:
     delta = f" ({acc['top1'] - ref:+.2f})" if ref is not None else ""
     overlap = acc.get("calibration_overlap")
     overlap = f" (⚠ calibrated on {overlap} of these images)" if overlap else ""
-    where = f" @{acc['host']}" if acc.get("host") else ""  # validated on another host
+    where = f" @{acc['host_label']}" if acc.get("host_label") else ""  # validated on another host
     return f"{acc['top1']:.2f}{delta} {acc['label']}{where}{overlap}"
 
 
