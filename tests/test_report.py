@@ -130,3 +130,4 @@ def test_report_shows_another_hosts_numbers_under_that_host(
     assert {p["host"] for p in ort.sweep} == {measured_on}
     text = write_report(out_dir, tmp_path).markdown.read_text()
     assert f"measured @{measured_on}" in text and f"p50 ms @{measured_on}" in text
+    assert f"fingerprint {measured_on.removeprefix('host-')}" in text  # which CPU that host is, in provenance

@@ -22,6 +22,7 @@ from t2tedge.calibration import CalibrationSet, calibration_set, select_indices
 from t2tedge.data.cache import cached_preprocess, save_array
 from t2tedge.data.datasets import ImageDataset, open_dataset
 from t2tedge.errors import CheckpointError, DatasetError, T2tedgeError, TargetUnavailableError
+from t2tedge.evaluation import host as this_host
 from t2tedge.evaluation.host import host_info
 from t2tedge.models import LoadedModel, demo_checkpoint, get_spec, load_model, pretrained_checkpoint
 from t2tedge.pipeline.export import GRAPH_REVISION, ONNX_FILE, export_onnx, parity, torch_logits
@@ -432,6 +433,7 @@ class Builder:
             {
                 "recipe": json.loads(self.recipe.model_dump_json()),
                 "host": host_info(),
+                "host_fingerprint": this_host.host_fingerprint(),
                 "t2tedge": t2tedge.__version__,
                 "calibration_validation_overlap": self.overlaps,
                 "models": self.model_facts,

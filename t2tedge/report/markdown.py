@@ -183,7 +183,8 @@ def provenance(data: ReportData) -> str:
             f"{s.get('calibration_validation_overlap')}",
             f"  - latency settings: {recipe.get('benchmark')}",
             f"  - host: {host.get('processor')}, {host.get('cores')} cores, ISA {', '.join(host.get('isa', []))}, "
-            f"{host.get('platform')}, Python {host.get('python')}",
+            f"{host.get('platform')}, Python {host.get('python')}; fingerprint "
+            f"{s.get('host_fingerprint', 'unrecorded')} (its numbers elsewhere show as host-<fingerprint>)",
             f"  - versions: {', '.join(f'{k} {v}' for k, v in host.get('versions', {}).items())}; "
             f"t2tedge {s.get('t2tedge')}",
         ]
