@@ -275,7 +275,9 @@ def test_grayscale_cmyk_rgba_images_build(tmp_path: Path, checkpoint: Path) -> N
                 image.save(tmp_path / "images" / label / f"{mode.replace(';', '')}-{i}.{ext}")
                 count += 1
     images = str(tmp_path / "images")
-    recipe = _recipe(tmp_path, checkpoint, data={"calibration": images, "validation": images, "limit": None})
+    # one folder for both: allowed only when the recipe says so, and every affected number is marked
+    data = {"calibration": images, "validation": images, "limit": None, "allow_overlap": True}
+    recipe = _recipe(tmp_path, checkpoint, data=data)
     result = _cli("build", recipe)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     built = _artifacts(tmp_path / "artifacts")
@@ -285,6 +287,7 @@ def test_grayscale_cmyk_rgba_images_build(tmp_path: Path, checkpoint: Path) -> N
     assert manifest["calibration"]["size"] == 16
     (accuracy,) = manifest["validation"].values()
     assert accuracy["images"] == count and np.isfinite(accuracy["top1"])
+    assert accuracy["calibration_overlap"] == 16
 
 
 # --- names -------------------------------------------------------------------------------------------------
