@@ -278,9 +278,17 @@ class GraphEmulator:
     """
 
     def __init__(
-        self, path: str | Path, fp32_nodes: Iterable[str] = (), float_dtype: torch.dtype = torch.float16
+        self,
+        path: str | Path,
+        fp32_nodes: Iterable[str] = (),
+        float_dtype: torch.dtype = torch.float16,
+        threads: int = 1,
     ) -> None:
         import onnx
+
+        # One intra-op thread by default: the graph runs as many small ops, where OpenMP's spinning
+        # workers cost far more than they give (20x slower with 2 threads on 2 busy cores, measured).
+        self.threads = threads
 
         model = onnx.load(str(path))
         graph = model.graph
@@ -315,9 +323,14 @@ class GraphEmulator:
     def run(self, images: np.ndarray, observe: Callable[[Any, str, torch.Tensor], None] | None = None) -> torch.Tensor:
         """Run images; ``observe(node, tensor_name, fp32_value)`` sees every float result before rounding."""
         step = self.fixed_batch or len(images)
-        if step <= 0 or len(images) <= step:
-            return self._run(images, observe)
-        return torch.cat([self._run(images[i : i + step], observe) for i in range(0, len(images), step)])
+        previous = torch.get_num_threads()
+        torch.set_num_threads(self.threads)
+        try:
+            if step <= 0 or len(images) <= step:
+                return self._run(images, observe)
+            return torch.cat([self._run(images[i : i + step], observe) for i in range(0, len(images), step)])
+        finally:
+            torch.set_num_threads(previous)
 
     def _run(self, images: np.ndarray, observe: Callable[[Any, str, torch.Tensor], None] | None = None) -> torch.Tensor:
         values: dict[str, torch.Tensor] = {}

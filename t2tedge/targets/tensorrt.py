@@ -65,13 +65,9 @@ class EmulatedRunner:
     label = "emulated"
 
     def __init__(self, path: Path, fp32_nodes: list[str], threads: int | None = None) -> None:
-        import torch
-
         from t2tedge.emulation import GraphEmulator
 
-        if threads:
-            torch.set_num_threads(threads)
-        self.emulator = GraphEmulator(path, fp32_nodes)
+        self.emulator = GraphEmulator(path, fp32_nodes, threads=threads or 1)
         self.fixed_batch = self.emulator.fixed_batch
         pinned = f"; {len(fp32_nodes)} nodes pinned to FP32 as the engine pins them" if fp32_nodes else ""
         self.emulation = f"{EMULATION}: {self.emulator.arithmetic}{pinned}"
