@@ -110,7 +110,7 @@ class CoreMlConfig(_Strict):
     float_modules: list[str] = Field(
         default_factory=list,
         description="w8a8: module-path glob patterns whose own ops stay float (FP16); modules inside them that "
-        "no pattern matches stay int8",
+        "no pattern matches stay int8; empty: the model's own hint (ModelSpec.quantization.float_modules)",
     )
 
 
