@@ -160,3 +160,19 @@ def test_qdq_rounds_half_to_even_and_saturates(tmp_path) -> None:
     path = _graph(tmp_path / "qdq.onnx", nodes, [x], [y], consts)
     got = GraphEmulator(path)(np.array([[0.25, 0.75, 1.25, 100.0, -100.0]], np.float32))
     np.testing.assert_array_equal(got, [[0.0, 1.0, 1.0, 63.5, -64.0]])  # 0.5, 1.5, 2.5 steps round to even
+
+
+def test_qdq_scales_stay_fp32_as_tensorrt_keeps_them(tmp_path) -> None:
+    # 1/3 is 0.33325 in FP16: a scale rounded to FP16 would dequantize 126 steps to 41.99, not 42
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1])
+    consts = [
+        numpy_helper.from_array(np.array(1 / 3, np.float32), "s"),
+        numpy_helper.from_array(np.array(0, np.int8), "z"),
+    ]
+    nodes = [
+        helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"], name="q"),
+        helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"], name="dq"),
+    ]
+    path = _graph(tmp_path / "scale.onnx", nodes, [x], [y], consts)
+    np.testing.assert_array_equal(GraphEmulator(path)(np.array([[42.0]], np.float32)), [[42.0]])

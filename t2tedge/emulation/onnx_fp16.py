@@ -8,8 +8,9 @@ storage TensorRT gives it in a network built with the FP16 (and INT8) flag:
   goes subnormal or to 0), float weights included;
 * each op computes in FP32 on those FP16 values and rounds its result: what FP16 kernels with FP32
   accumulation give (TensorRT's GEMM/convolution tactics accumulate in FP32 or wider);
-* QuantizeLinear / DequantizeLinear run their INT8 math exactly (round half to even, saturate), so the
-  quantized layers see the values the INT8 kernels see (fake quantization);
+* QuantizeLinear / DequantizeLinear run their INT8 math exactly (round half to even, saturate) with
+  FP32 scales and weights quantized from FP32, so the quantized layers see the values the INT8 kernels
+  see (fake quantization);
 * nodes pinned to FP32 (``fp32_nodes``: what the engine build pins with layer precision constraints)
   read their inputs in FP32 and keep an FP32 output.
 
@@ -341,7 +342,9 @@ class GraphEmulator:
                     continue
                 pinned = node.name in self.fp32_nodes
                 storage = torch.float32 if pinned else self.float_dtype
-                constants = self.constants if pinned else self.stored_constants
+                # TensorRT keeps Q/DQ scales and quantizes weights in FP32 at build time: their constants are exact
+                exact = pinned or node.op_type in ("QuantizeLinear", "DequantizeLinear")
+                constants = self.constants if exact else self.stored_constants
                 args = [
                     (constants[name] if name in constants else self._read(values, name, storage)) if name else None
                     for name in node.input
