@@ -193,6 +193,10 @@ def test_rules_digest_covers_shipped_scripts_and_shared_quantizers(monkeypatch: 
         build._sources_digest.cache_clear()
         monkeypatch.setattr(build, "sha256_file", edited("onnx_qdq.py"))
         assert build.rules_digest("onnxruntime") != before["onnxruntime"]
+        build._sources_digest.cache_clear()  # the FP16 emulation decides TensorRT's pins, not ONNX Runtime's files
+        monkeypatch.setattr(build, "sha256_file", edited("onnx_fp16.py"))
+        assert build.rules_digest("tensorrt") != before["tensorrt"]
+        assert build.rules_digest("onnxruntime") == before["onnxruntime"]
     finally:
         build._sources_digest.cache_clear()
 

@@ -34,9 +34,13 @@ from t2tedge.targets import BuildInputs, check_precision, get_target
 
 PACKAGE_DIR = Path(t2tedge.__file__).resolve().parent
 # The quantization machinery every calibrated target shares: its rules decide the files too.
-SHARED_RULE_FILES = ("calibration/__init__.py", "calibration/onnx_qdq.py", "emulation/*.py")
-# Files a target applies beyond its own module (TensorRT's lint and the engine script it ships).
-EXTRA_RULE_FILES = {"tensorrt": ("targets/tensorrt_lint.py", "targets/tensorrt_build_engine.py")}
+SHARED_RULE_FILES = ("calibration/__init__.py", "calibration/onnx_qdq.py")
+# Files a target applies beyond its own module: TensorRT's lint and the engine script it ships, and the
+# FP16 emulation that range-checks (and, off the device, validates) the accelerator targets' artifacts.
+EXTRA_RULE_FILES = {
+    "tensorrt": ("targets/tensorrt_lint.py", "targets/tensorrt_build_engine.py", "emulation/*.py"),
+    "coreml": ("emulation/*.py",),
+}
 # The export form is our code: the model sources decide the exported graph.
 MODEL_FILES = ("models/t2t_vit.py", "models/mobilenet.py", "models/spec.py", "pipeline/export.py")
 
