@@ -17,12 +17,12 @@ from pathlib import Path
 import torch
 
 from t2tedge.calibration import select_indices
+from t2tedge.calibration.onnx_session import OnnxSession
 from t2tedge.data.cache import preprocess
 from t2tedge.data.datasets import open_dataset
 from t2tedge.evaluation.host import host_info
 from t2tedge.models import get_spec
 from t2tedge.pipeline.export import export_onnx, parity, torch_logits
-from t2tedge.targets.onnxruntime import OnnxRuntimeRunner
 
 
 def main() -> None:
@@ -43,7 +43,7 @@ def main() -> None:
             started = time.perf_counter()
             export_onnx(model, spec.preprocess.input_size, Path(tmp) / "m.onnx")
             seconds = time.perf_counter() - started
-            check = parity(torch_logits(model, images), OnnxRuntimeRunner(Path(tmp) / "m.onnx")(images))
+            check = parity(torch_logits(model, images), OnnxSession(Path(tmp) / "m.onnx")(images))
         rows.append(
             {"model": name, "image_size": spec.preprocess.input_size, "export_seconds": round(seconds, 1), **check}
         )

@@ -33,6 +33,7 @@ import torch
 
 from t2tedge.calibration import select_indices
 from t2tedge.calibration.onnx_qdq import QdqSettings, calibrate
+from t2tedge.calibration.onnx_session import OnnxSession
 from t2tedge.data.cache import preprocess
 from t2tedge.data.datasets import open_dataset
 from t2tedge.evaluation.accuracy import agreement
@@ -42,7 +43,6 @@ from t2tedge.models import get_spec
 from t2tedge.pipeline.export import export_onnx
 from t2tedge.pipeline.recipe import QuantizationConfig
 from t2tedge.targets import BuildInputs, get_target
-from t2tedge.targets.onnxruntime import OnnxRuntimeRunner
 
 RANDOM_WEIGHTS_NOTE = {
     True: "random; output agreement is indicative only",
@@ -61,11 +61,11 @@ def export_random(name: str, workdir: Path) -> Path:
 def build_int8(onnx_path: Path, name: str, calibration: np.ndarray, out_dir: Path, **overrides: Any) -> dict:
     """The target's INT8 build with the recipe defaults (plus ``overrides`` of the ORT section)."""
     spec = get_spec(name)
-    config = {**QuantizationConfig().for_target("onnxruntime"), **overrides}
-    inputs = BuildInputs(onnx_path, spec.preprocess.input_size, 1000, spec.family, config, calibration=calibration)
+    config = QuantizationConfig(onnxruntime=overrides).for_target("onnxruntime")
+    inputs = BuildInputs(onnx_path, spec.preprocess.input_size, 1000, calibration=calibration, hints=spec.quantization)
     out_dir.mkdir()
     started = time.perf_counter()
-    facts = get_target("onnxruntime").build(inputs, "int8", out_dir)
+    facts = get_target("onnxruntime").build(inputs, "int8", config, out_dir)
     facts["build_seconds"] = round(time.perf_counter() - started, 1)
     return facts
 
@@ -144,10 +144,10 @@ def main() -> None:
                 builds["int8 (S8S8)"] = build_int8(
                     onnx_path, name, calibration, workdir / f"{name}-s8s8", activation_type="int8"
                 )
-            runners = {"fp32": OnnxRuntimeRunner(onnx_path, args.threads)}
+            runners = {"fp32": OnnxSession(onnx_path, args.threads)}
             for key in builds:
                 folder = "u8s8" if "U8S8" in key else "s8s8"
-                runners[key] = OnnxRuntimeRunner(workdir / f"{name}-{folder}" / "model.onnx", args.threads)
+                runners[key] = OnnxSession(workdir / f"{name}-{folder}" / "model.onnx", args.threads)
             reference = runners["fp32"](held_out)
             times = time_interleaved(
                 runners, calibration[:1], args.warmup, args.min_iters, args.min_seconds, args.round_iters
@@ -199,7 +199,7 @@ def main() -> None:
             "round_iters": args.round_iters,
             "calibration_images": args.calib,
             "calibration_source": "fashion_mnist:train, model eval transform",
-            "quantization": QuantizationConfig().for_target("onnxruntime"),
+            "quantization": QuantizationConfig().for_target("onnxruntime").model_dump(),
         },
         "models": results,
         "calibration_memory": memory,

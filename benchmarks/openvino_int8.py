@@ -48,7 +48,6 @@ from t2tedge.models import LoadedModel, demo_checkpoint, get_spec, load_model
 from t2tedge.models.conditioning import well_conditioned
 from t2tedge.pipeline.export import export_onnx
 from t2tedge.pipeline.recipe import QuantizationConfig
-from t2tedge.pipeline.store import Artifact
 from t2tedge.targets import BuildInputs, get_target
 from t2tedge.targets.openvino import DEVICE, MODEL_XML, OpenVinoRunner, compile_properties, count_ops, quiet_nncf
 
@@ -69,21 +68,21 @@ def build_variants(loaded: LoadedModel, calibration: np.ndarray, workdir: Path) 
     fp32_dir = workdir / "fp32"
     fp32_dir.mkdir()
     inputs = BuildInputs(
-        onnx_path=onnx_path, image_size=IMAGE_SIZE, num_classes=loaded.num_classes, family=spec.family, config={}
+        onnx_path=onnx_path, image_size=IMAGE_SIZE, num_classes=loaded.num_classes, hints=spec.quantization
     )
-    fp32_facts = target.build(inputs, "fp32", fp32_dir)
+    config = QuantizationConfig().for_target("openvino")
+    fp32_facts = target.build(inputs, "fp32", config, fp32_dir)
     variants["fp32 (f32 hint)"] = {"xml": fp32_dir / MODEL_XML, "hint": "f32", "build": fp32_facts}
     variants["fp32 (default hint)"] = {"xml": fp32_dir / MODEL_XML, "hint": None}
 
     int8_dir = workdir / "int8"
     int8_dir.mkdir()
-    inputs.config = QuantizationConfig().for_target("openvino")
     inputs.calibration = calibration
     started = time.perf_counter()
-    int8_facts = target.build(inputs, "int8", int8_dir)
+    int8_facts = target.build(inputs, "int8", config, int8_dir)
     int8_facts["build_seconds"] = round(time.perf_counter() - started, 1)
     # loaded the way the product loads it (compile.json: the plugin default hint, like the plain build)
-    ours = target.load(Artifact(int8_dir), 1).precision_hint_requested
+    ours = json.loads((int8_dir / "compile.json").read_text())["INFERENCE_PRECISION_HINT"]
     variants["int8 (t2tedge)"] = {"xml": int8_dir / MODEL_XML, "hint": ours, "build": int8_facts}
 
     plain_dir = workdir / "plain"

@@ -45,6 +45,8 @@ import onnx
 import torch
 
 from t2tedge.calibration import select_indices
+from t2tedge.calibration.accuracy_aware import _node_scopes
+from t2tedge.calibration.onnx_session import OnnxSession
 from t2tedge.data.cache import preprocess
 from t2tedge.data.datasets import open_dataset
 from t2tedge.emulation import GraphEmulator
@@ -55,7 +57,6 @@ from t2tedge.models import LoadedModel, demo_checkpoint, get_spec, load_model
 from t2tedge.pipeline.export import export_onnx
 from t2tedge.progress import log
 from t2tedge.targets import BuildInputs, get_target
-from t2tedge.targets.onnxruntime import OnnxRuntimeRunner, _node_scopes
 from t2tedge.targets.tensorrt_lint import lint, summarize
 
 IMAGE_SIZE = 224
@@ -63,15 +64,9 @@ MODELS = ("t2t_vit_7", "t2t_vit_t_14", "mobilenet_v2", "mobilenet_v3_small")
 MODELOPT_VERSION = "0.47.0"
 HELPER = Path(__file__).with_name("modelopt_quantize.py")
 REPO = Path(__file__).resolve().parent.parent
-# The shared quantization keys as the pipeline passes them (QuantizationConfig.for_target("tensorrt")), with
-# minmax named for the target too: its default (auto) picks a method on held-out images this build has not.
-OUR_CONFIG = {
-    "method": "minmax",
-    "calibration_method": "minmax",
-    "percentile": 99.999,
-    "max_accuracy_drop": None,
-    "accuracy_subset": 300,
-}
+# The target's Config with its defaults, minmax named for the target too: its default (auto) picks a
+# method on held-out images this build has not.
+OUR_CONFIG = {"method": "minmax", "calibration_method": "minmax"}
 PERTURBATION_STD = 0.05
 GRAPHS = ("ours", "modelopt_fp32", "modelopt_fp16")
 Q_OP, DQ_OP = "QuantizeLinear", "DequantizeLinear"
@@ -251,7 +246,7 @@ def compare_model(
         work = Path(tmp)
         export = work / f"{name}.onnx"
         export_onnx(loaded.model, IMAGE_SIZE, export)
-        reference = OnnxRuntimeRunner(export, args.threads)(images)
+        reference = OnnxSession(export, args.threads)(images)
         log(f"  {name}: emulating the FP32 export (FP16 only, no Q/DQ) on {len(images)} images")
         fp16_only = emulated_agreement(export, images, reference, args.threads)
         np.save(work / "calibration.npy", calibration)
@@ -260,8 +255,9 @@ def compare_model(
 
         started = time.perf_counter()
         paths["ours"].parent.mkdir()
-        inputs = BuildInputs(export, IMAGE_SIZE, loaded.num_classes, loaded.spec.family, dict(OUR_CONFIG), calibration)
-        facts = get_target("tensorrt").build(inputs, "int8", paths["ours"].parent)
+        inputs = BuildInputs(export, IMAGE_SIZE, loaded.num_classes, calibration=calibration)
+        target = get_target("tensorrt")
+        facts = target.build(inputs, "int8", target.Config(**OUR_CONFIG), paths["ours"].parent)
         builds["ours"] = {
             "settings": {**OUR_CONFIG, "calibration_images": len(calibration)},
             "calibration_method": facts.get("calibration", {}).get("method"),

@@ -42,7 +42,7 @@ from pathlib import Path
 for name in filter(None, os.environ.get("BLOCK_MODULES", "").split(",")):
     sys.modules[name] = None
 if os.environ.get("PAUSE_MARKER"):
-    import t2tedge.targets.onnxruntime as target
+    import t2tedge.calibration.accuracy_aware as target
     quantize = target.quantize_with_budget
     def paused(*args, **kwargs):
         facts = quantize(*args, **kwargs)

@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 import torch
 
+from t2tedge.artifact import list_files
 from t2tedge.data.cache import preprocess
 from t2tedge.data.datasets import open_dataset
 from t2tedge.devices import remote_runner
@@ -144,12 +145,12 @@ def artifacts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     for target in TARGETS:
         out = root / "mobilenet_v2" / target / "fp32-0123abcd"
         out.mkdir(parents=True)
-        inputs = BuildInputs(onnx_path=onnx_path, image_size=SIZE, num_classes=10, family="mobilenet", config={})
-        facts = get_target(target).build(inputs, "fp32", out)
+        inputs = BuildInputs(onnx_path=onnx_path, image_size=SIZE, num_classes=10)
+        facts = get_target(target).build(inputs, "fp32", get_target(target).Config(), out)
         model_io = {"family": "mobilenet", "image_size": SIZE, "num_classes": 10, "preprocess": pre.to_dict()}
         manifest = {"model": "mobilenet_v2", "target": target, "precision": "fp32", "build": facts}
         manifest["model_io"] = model_io
-        (out / "manifest.json").write_text(json.dumps(manifest))
+        (out / "manifest.json").write_text(json.dumps({**manifest, "files": list_files(out)}))
         paths[target] = out
     return paths
 

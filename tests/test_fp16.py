@@ -15,13 +15,13 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from test_t2t_vit import performer_reference
 
+from t2tedge.calibration.onnx_session import OnnxSession
 from t2tedge.data.cache import preprocess
 from t2tedge.data.datasets import open_dataset
 from t2tedge.emulation import FP16_MAX, GraphEmulator, audit_fp16, fp16_range_check
 from t2tedge.models import demo_checkpoint, get_spec, load_model
 from t2tedge.models.t2t_vit import TokenPerformer
 from t2tedge.pipeline.export import export_onnx
-from t2tedge.targets.onnxruntime import OnnxRuntimeRunner
 
 
 def direct_performer_forward(self: TokenPerformer, x: torch.Tensor) -> torch.Tensor:
@@ -99,7 +99,7 @@ def demo_onnx(demo: tuple[torch.nn.Module, np.ndarray], tmp_path_factory: pytest
 def test_graph_emulator_in_fp32_is_onnxruntime(demo, demo_onnx) -> None:
     _, images = demo
     emulated = GraphEmulator(demo_onnx, float_dtype=torch.float32)(images[:16])
-    assert np.abs(emulated - OnnxRuntimeRunner(demo_onnx)(images[:16])).max() < 1e-4
+    assert np.abs(emulated - OnnxSession(demo_onnx)(images[:16])).max() < 1e-4
 
 
 def test_graph_emulator_in_fp16_follows_torch_half(demo, demo_onnx) -> None:
@@ -107,7 +107,7 @@ def test_graph_emulator_in_fp16_follows_torch_half(demo, demo_onnx) -> None:
     emulated = GraphEmulator(demo_onnx)(images[:32])
     half, _ = audit_fp16(model.half(), images[:32])
     model.float()
-    fp32 = OnnxRuntimeRunner(demo_onnx)(images[:32])
+    fp32 = OnnxSession(demo_onnx)(images[:32])
     # both round every tensor to FP16: they agree with each other far better than FP16 rounding moves them
     assert np.abs(emulated - half).max() < 0.5 * np.abs(emulated - fp32).max() + 1e-2
     assert 0 < np.abs(emulated - fp32).max() < 0.1

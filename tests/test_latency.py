@@ -6,6 +6,7 @@ import time
 
 import numpy as np
 
+from t2tedge.artifact import list_files
 from t2tedge.evaluation.latency import summarize, time_interleaved
 
 
@@ -57,7 +58,7 @@ def test_stored_results_are_reused_only_on_the_same_host(tmp_path, monkeypatch) 
     pre = Preprocess(input_size=32, resize_size=32, interpolation="bilinear")
     io = {"family": "mobilenet", "image_size": 32, "num_classes": 10, "classes": [], "preprocess": pre.to_dict()}
     manifest = {"model": "mobilenet_v3_small", "target": "onnxruntime", "precision": "fp32", "model_io": io}
-    (path / "manifest.json").write_text(json.dumps(manifest))
+    (path / "manifest.json").write_text(json.dumps({**manifest, "files": list_files(path)}))
     cfg = BenchmarkConfig(warmup=1, min_iters=3, min_seconds=0, efficiency=False, threads=[1])
     here = host.host_fingerprint()
     (first,) = bench_artifacts([path], cfg)

@@ -13,7 +13,9 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from t2tedge.calibration import select_indices
+from t2tedge.calibration.accuracy_aware import SENSITIVITY_JSON, SENSITIVITY_MD
 from t2tedge.calibration.onnx_qdq import QdqSettings, calibrate, entropy_threshold, quantize_qdq
+from t2tedge.calibration.onnx_session import OnnxSession
 from t2tedge.data.cache import preprocess
 from t2tedge.data.datasets import open_dataset
 from t2tedge.models import get_spec
@@ -21,7 +23,6 @@ from t2tedge.models.spec import Preprocess
 from t2tedge.pipeline.export import export_onnx
 from t2tedge.pipeline.recipe import QuantizationConfig
 from t2tedge.targets import BuildInputs, get_target
-from t2tedge.targets.onnxruntime import SENSITIVITY_JSON, SENSITIVITY_MD, OnnxRuntimeRunner
 
 SIZE = 32
 ALLOWED = {"Conv", "MatMul", "Gemm"}
@@ -130,8 +131,8 @@ def test_t2t_qdq_structure_and_accuracy(t2t_onnx: Path, images: tuple, tmp_path:
     assert "QLinearSoftmax" not in ops and "Softmax" in ops
     assert ops & {"QGemm", "MatMulIntegerToFloat", "QLinearMatMul"}
 
-    reference = OnnxRuntimeRunner(t2t_onnx)(calib[16:])
-    logits = OnnxRuntimeRunner(out)(calib[16:])
+    reference = OnnxSession(t2t_onnx)(calib[16:])
+    logits = OnnxSession(out)(calib[16:])
     assert _cosine(logits, reference) > 0.93
 
 
@@ -142,8 +143,8 @@ def test_mobilenet_qdq_outputs_close_to_fp32(mobilenet_onnx: Path, images: tuple
     _check_qdq_graph(out, TensorProto.UINT8)
     assert facts["quantized_nodes"].get("Conv", 0) >= 40
     assert "QLinearConv" in _optimized_op_types(out, tmp_path)
-    reference = OnnxRuntimeRunner(mobilenet_onnx)(calib[16:])
-    assert _cosine(OnnxRuntimeRunner(out)(calib[16:]), reference) > 0.93
+    reference = OnnxSession(mobilenet_onnx)(calib[16:])
+    assert _cosine(OnnxSession(out)(calib[16:]), reference) > 0.93
 
 
 def test_symmetric_int8_activations_for_tensorrt(t2t_onnx: Path, images: tuple, tmp_path: Path) -> None:
@@ -203,16 +204,16 @@ def test_histogram_methods_quantize_t2t(method: str, t2t_onnx: Path, images: tup
     settings = QdqSettings(method=method, num_bins=256, num_quantized_bins=64)
     facts = quantize_qdq(t2t_onnx, out, calib[:8], settings)
     assert facts["calibration"]["method"] == method and facts["calibration"]["tensors"] > 10
-    reference = OnnxRuntimeRunner(t2t_onnx)(calib[16:])
-    assert _cosine(OnnxRuntimeRunner(out)(calib[16:]), reference) > 0.85
+    reference = OnnxSession(t2t_onnx)(calib[16:])
+    assert _cosine(OnnxSession(out)(calib[16:]), reference) > 0.85
 
 
 def test_target_int8_build_with_recipe_defaults(t2t_onnx: Path, images: tuple, tmp_path: Path) -> None:
     target = get_target("onnxruntime")
     assert "int8" in target.precisions and target.needs_calibration("int8")
     config = QuantizationConfig().for_target("onnxruntime")
-    inputs = BuildInputs(t2t_onnx, SIZE, 10, "t2t_vit", config, calibration=images[0][:8])
-    facts = target.build(inputs, "int8", tmp_path)
+    inputs = BuildInputs(t2t_onnx, SIZE, 10, calibration=images[0][:8])
+    facts = target.build(inputs, "int8", config, tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
     assert facts["settings"]["method"] == "minmax" and facts["settings"]["op_types"] == ["Conv", "MatMul", "Gemm"]
     assert facts["model_bytes"] == (tmp_path / "model.onnx").stat().st_size
@@ -224,19 +225,10 @@ def test_accuracy_aware_keeps_sensitive_nodes_fp32(mobilenet_onnx: Path, images:
     # labels = the FP32 predictions: FP32 top-1 is 100 %, so a tiny budget forbids any flipped prediction
     # (a random MobileNetV2's logits are close together: INT8 flips some)
     validation = calib[16:48]
-    labels = OnnxRuntimeRunner(mobilenet_onnx)(validation).argmax(1)
+    labels = OnnxSession(mobilenet_onnx)(validation).argmax(1)
     config = QuantizationConfig(max_accuracy_drop=0.01).for_target("onnxruntime")
-    inputs = BuildInputs(
-        mobilenet_onnx,
-        SIZE,
-        10,
-        "mobilenet",
-        config,
-        calibration=calib[:8],
-        validation_images=validation,
-        validation_labels=labels,
-    )
-    facts = get_target("onnxruntime").build(inputs, "int8", tmp_path)
+    inputs = BuildInputs(mobilenet_onnx, SIZE, 10, calibration=calib[:8], heldout=validation, heldout_labels=labels)
+    facts = get_target("onnxruntime").build(inputs, "int8", config, tmp_path)
     aware = facts["accuracy_aware"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", SENSITIVITY_JSON, SENSITIVITY_MD]
     report = json.loads((tmp_path / SENSITIVITY_JSON).read_text())
@@ -245,7 +237,7 @@ def test_accuracy_aware_keeps_sensitive_nodes_fp32(mobilenet_onnx: Path, images:
     assert len(aware["nodes_kept_fp32"]) >= 1
     # independently of what the search reports: the artifact, run on the same images, keeps every
     # FP32 prediction (a 0.01-point budget on 32 images allows no flip)
-    achieved_top1 = 100.0 * float((OnnxRuntimeRunner(tmp_path / "model.onnx")(validation).argmax(1) == labels).mean())
+    achieved_top1 = 100.0 * float((OnnxSession(tmp_path / "model.onnx")(validation).argmax(1) == labels).mean())
     assert 100.0 - achieved_top1 <= 0.01
     assert aware["met"] and aware["int8_top1"] == pytest.approx(achieved_top1)
     assert aware["accuracy_drop"] == pytest.approx(100.0 - achieved_top1)
@@ -254,7 +246,7 @@ def test_accuracy_aware_keeps_sensitive_nodes_fp32(mobilenet_onnx: Path, images:
     assert set(report["nodes"][0]) >= {"node", "op_type", "top1_gain", "logit_mse_reduction", "kept_fp32"}
     assert set(aware["nodes_kept_fp32"]) <= set(facts["nodes_excluded"])
     # the artifact is the model with those nodes in FP32, and it runs
-    assert OnnxRuntimeRunner(tmp_path / "model.onnx")(validation[:2]).shape == (2, 10)
+    assert OnnxSession(tmp_path / "model.onnx")(validation[:2]).shape == (2, 10)
 
 
 def test_accuracy_aware_search_scores_on_the_heldout_split(mobilenet_onnx: Path, images: tuple, tmp_path: Path) -> None:
@@ -262,12 +254,10 @@ def test_accuracy_aware_search_scores_on_the_heldout_split(mobilenet_onnx: Path,
 
     calib, _ = images
     heldout = calib[16:48]
-    labels = OnnxRuntimeRunner(mobilenet_onnx)(heldout).argmax(1)
+    labels = OnnxSession(mobilenet_onnx)(heldout).argmax(1)
     config = QuantizationConfig(max_accuracy_drop=0.01).for_target("onnxruntime")
-    inputs = BuildInputs(
-        mobilenet_onnx, SIZE, 10, "mobilenet", config, calibration=calib[:8], heldout=heldout, heldout_labels=labels
-    )
-    aware = get_target("onnxruntime").build(inputs, "int8", tmp_path)["accuracy_aware"]
+    inputs = BuildInputs(mobilenet_onnx, SIZE, 10, calibration=calib[:8], heldout=heldout, heldout_labels=labels)
+    aware = get_target("onnxruntime").build(inputs, "int8", config, tmp_path)["accuracy_aware"]
     assert aware["tuned_on"] == "calibration.heldout" and aware["images"] == 32
     assert aware["fp32_top1"] == 100.0 and len(aware["nodes_kept_fp32"]) >= 1
     assert "(calibration.heldout)" in (tmp_path / SENSITIVITY_MD).read_text()
@@ -275,7 +265,8 @@ def test_accuracy_aware_search_scores_on_the_heldout_split(mobilenet_onnx: Path,
     (tmp_path / "again").mkdir()
     with pytest.raises(T2tedgeError, match=r"calibration\.heldout > 0"):
         get_target("onnxruntime").build(
-            BuildInputs(mobilenet_onnx, SIZE, 10, "mobilenet", config, calibration=calib[:8], heldout=heldout),
+            BuildInputs(mobilenet_onnx, SIZE, 10, calibration=calib[:8], heldout=heldout),
             "int8",
+            config,
             tmp_path / "again",
         )

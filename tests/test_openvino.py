@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 import torch
 
+from t2tedge.artifact import list_files
+from t2tedge.calibration.onnx_session import OnnxSession
 from t2tedge.data.cache import preprocess
 from t2tedge.data.datasets import open_dataset
 from t2tedge.models import get_spec
@@ -20,7 +22,6 @@ from t2tedge.pipeline.export import export_onnx
 from t2tedge.pipeline.recipe import QuantizationConfig
 from t2tedge.pipeline.store import Artifact
 from t2tedge.targets import BuildInputs, get_target
-from t2tedge.targets.onnxruntime import OnnxRuntimeRunner
 
 ov = pytest.importorskip("openvino", reason="openvino is not installed")
 pytest.importorskip("nncf", reason="nncf is not installed")
@@ -63,14 +64,15 @@ def build(onnx_models: dict[str, Path], images: np.ndarray, tmp_path_factory: py
                 onnx_path=onnx_models[name],
                 image_size=SIZE,
                 num_classes=10,
-                family=FAMILIES[name],
-                config=QuantizationConfig(**quant).for_target("openvino") if precision == "int8" else {},
+                hints=get_spec(name).quantization,
                 calibration=images[:16] if precision == "int8" else None,
-                validation_images=images[16:] if labels is not None else None,
-                validation_labels=labels,
+                heldout=images[16:] if labels is not None else None,
+                heldout_labels=labels,
             )
-            facts = get_target("openvino").build(inputs, precision, out)
-            (out / "manifest.json").write_text(json.dumps({"precision": precision, "build": facts}))
+            config = QuantizationConfig(**quant).for_target("openvino")
+            facts = get_target("openvino").build(inputs, precision, config, out)
+            manifest = {"precision": precision, "build": facts, "files": list_files(out)}
+            (out / "manifest.json").write_text(json.dumps(manifest))
             cache[key] = (Artifact(out), facts)
         return cache[key]
 
@@ -85,10 +87,10 @@ def test_fp32_ir_matches_onnxruntime_at_f32(build: Any, onnx_models: dict[str, P
     artifact, facts = build("t2t_vit_7", "fp32")
     runner = get_target("openvino").load(artifact, threads=2)
     assert facts["inference_precision_hint"] == facts["inference_precision_used"] == "f32"
-    assert runner.inference_precision == "f32" and runner.threads == 2
+    assert runner.runtime_facts["inference_precision_used"] == "f32" and runner.runtime_facts["threads"] == 2
     # a fixed-batch-1 IR still takes any batch
     logits = runner(images[16:19])
-    reference = OnnxRuntimeRunner(onnx_models["t2t_vit_7"])(images[16:19])
+    reference = OnnxSession(onnx_models["t2t_vit_7"])(images[16:19])
     assert logits.shape == (3, 10)
     assert np.abs(logits - reference).max() <= 1e-4
 
@@ -194,11 +196,11 @@ def test_accuracy_control_scores_on_the_heldout_split(
     config = QuantizationConfig(max_accuracy_drop=50.0).for_target("openvino")
 
     def inputs(**extra: Any) -> BuildInputs:
-        return BuildInputs(onnx_models["mobilenet_v2"], SIZE, 10, "mobilenet", config, calibration=images[:16], **extra)
+        return BuildInputs(onnx_models["mobilenet_v2"], SIZE, 10, calibration=images[:16], **extra)
 
-    facts = get_target("openvino").build(inputs(heldout=heldout, heldout_labels=labels), "int8", tmp_path)
+    facts = get_target("openvino").build(inputs(heldout=heldout, heldout_labels=labels), "int8", config, tmp_path)
     control = facts["quantization"]["accuracy_control"]
     assert control["tuned_on"] == "calibration.heldout" and control["images"] == len(heldout)
     (tmp_path / "again").mkdir()
     with pytest.raises(T2tedgeError, match=r"calibration\.heldout > 0"):
-        get_target("openvino").build(inputs(heldout=heldout), "int8", tmp_path / "again")
+        get_target("openvino").build(inputs(heldout=heldout), "int8", config, tmp_path / "again")

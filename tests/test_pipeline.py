@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -9,13 +10,13 @@ import numpy as np
 import pytest
 import torch
 
+from t2tedge.calibration.onnx_session import OnnxSession
 from t2tedge.errors import RecipeError, T2tedgeError
 from t2tedge.models import get_spec, save_checkpoint
 from t2tedge.models.spec import Preprocess
 from t2tedge.pipeline.build import Builder
 from t2tedge.pipeline.export import export_onnx, torch_logits
 from t2tedge.pipeline.recipe import load_recipe
-from t2tedge.targets.onnxruntime import OnnxRuntimeRunner
 
 
 @pytest.mark.parametrize("name", ["t2t_vit_7", "t2t_vit_t_14", "mobilenet_v2"])
@@ -24,7 +25,7 @@ def test_onnx_export_matches_pytorch(name: str, tmp_path: Path) -> None:
     model = get_spec(name).create(num_classes=10, image_size=32)
     export_onnx(model, 32, tmp_path / "m.onnx")
     images = np.random.default_rng(0).standard_normal((4, 3, 32, 32)).astype(np.float32)
-    onnx_logits = OnnxRuntimeRunner(tmp_path / "m.onnx")(images)
+    onnx_logits = OnnxSession(tmp_path / "m.onnx")(images)
     assert onnx_logits.shape == (4, 10)
     assert np.abs(onnx_logits - torch_logits(model, images)).max() <= 1e-4
 
@@ -32,7 +33,7 @@ def test_onnx_export_matches_pytorch(name: str, tmp_path: Path) -> None:
 def test_dynamic_batch_export_runs_any_batch(tmp_path: Path) -> None:
     model = get_spec("mobilenet_v3_small").create(num_classes=10, image_size=32)
     export_onnx(model, 32, tmp_path / "m.onnx", dynamic_batch=True)
-    runner = OnnxRuntimeRunner(tmp_path / "m.onnx")
+    runner = OnnxSession(tmp_path / "m.onnx")
     assert runner.fixed_batch is None
     assert runner(np.zeros((3, 3, 32, 32), np.float32)).shape == (3, 10)
 
@@ -89,6 +90,29 @@ def test_build_exports_validates_and_reuses(tmp_path: Path) -> None:
     assert summary["models"]["t2t_vit_7"]["fp32_torch"]["top1"] == accuracy["top1"]
 
 
+def test_target_sections_are_validated_by_each_targets_config(tmp_path: Path) -> None:
+    from t2tedge.targets.openvino import OpenVinoConfig
+    from t2tedge.targets.tensorrt import TensorRtConfig
+
+    path = tmp_path / "r.yaml"
+    path.write_text("models: [t2t_vit_7]\nquantization: {method: entropy, openvino: {preset: mixed}}\n")
+    quantization = load_recipe(path).quantization
+    openvino, tensorrt = quantization.for_target("openvino"), quantization.for_target("tensorrt")
+    assert isinstance(openvino, OpenVinoConfig) and isinstance(tensorrt, TensorRtConfig)
+    assert openvino.preset == "mixed" and openvino.method == tensorrt.method == "entropy"  # shared key
+    cases = {
+        "quantization: {openvino: {presett: mixed}}": r"quantization: openvino\.presett: Extra inputs",
+        "quantization: {tensorrt: {calibration_method: best}}": r"tensorrt\.calibration_method: Input should be",
+        "quantization: {tensorrtt: {}}": r"unknown key 'tensorrtt' \(shared keys: .*; targets: .*tensorrt",
+        "quantization: {coreml: [iOS17]}": r"coreml must be a mapping",
+    }
+    for text, message in cases.items():
+        path.write_text(f"models: [t2t_vit_7]\n{text}\n")
+        with pytest.raises(RecipeError, match=message) as error:
+            load_recipe(path)
+        assert "\n" not in str(error.value)
+
+
 def test_recipe_errors_name_the_field(tmp_path: Path) -> None:
     path = tmp_path / "r.yaml"
     path.write_text("models: [t2t_vit_7]\ncalibration: {size: many}\n")
@@ -120,7 +144,7 @@ def test_performer_epsilon_survives_onnx_export(tmp_path: Path) -> None:
     # The exporter's optimizer once deleted `D + 1e-8` as an add of zero, giving NaN logits. The 1e-8 now
     # enters rescaled; with q scaled up the official normalizer falls far below 1e-8 on some tokens, where
     # the epsilon decides the layer's output: the export must follow PyTorch there too.
-    from t2tedge.targets.onnxruntime import OnnxRuntimeRunner
+    from t2tedge.calibration.onnx_session import OnnxSession
 
     torch.manual_seed(0)
     model = get_spec("t2t_vit_7").create(num_classes=10, image_size=32, depth=1).eval()
@@ -135,7 +159,7 @@ def test_performer_epsilon_survives_onnx_export(tmp_path: Path) -> None:
         k, q, _ = without_eps.kqv(without_eps.norm1(model.tokens_to_token.soft_split0(x).transpose(1, 2))).split(64, -1)
         tiny = (q @ without_eps.w.t() - (q * q).sum(-1, keepdim=True) / 2).amax(-1)  # log of phi(q) * sqrt(m), max
     assert (tiny < -30).any()  # the regime where the epsilon dominates
-    assert np.abs(OnnxRuntimeRunner(tmp_path / "m.onnx")(x.numpy()) - expected).max() < 1e-2
+    assert np.abs(OnnxSession(tmp_path / "m.onnx")(x.numpy()) - expected).max() < 1e-2
 
 
 def test_imagenet_recipe_takes_paths_as_variables(tmp_path: Path) -> None:
@@ -228,9 +252,9 @@ def test_accuracy_aware_build_never_sees_the_validation_set(tmp_path: Path, monk
     real_build = target.build
     seen = []
 
-    def spy(inputs, precision, out_dir):  # noqa: ANN001, ANN202
+    def spy(inputs, precision, config, out_dir):  # noqa: ANN001, ANN202
         seen.append(inputs)
-        return real_build(inputs, precision, out_dir)
+        return real_build(inputs, precision, config, out_dir)
 
     monkeypatch.setattr(target, "build", spy)
     recipe = _recipe(
@@ -244,7 +268,8 @@ def test_accuracy_aware_build_never_sees_the_validation_set(tmp_path: Path, monk
     builder = Builder(load_recipe(recipe))
     (row,) = builder.run()
     (inputs,) = seen
-    assert inputs.validation_images is None and inputs.validation_labels is None
+    # the build's inputs have no place for validation images at all
+    assert not {f.name for f in dataclasses.fields(inputs)} & {"validation_images", "validation_labels"}
     assert len(inputs.heldout) == len(inputs.heldout_labels) == 12
     # none of the tuning images is a validation image (by content), and their labels are the source's
     validation = builder.recipe.data.limit

@@ -20,6 +20,8 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
+from t2tedge.artifact import list_files
+from t2tedge.calibration.onnx_session import OnnxSession
 from t2tedge.data.cache import preprocess
 from t2tedge.data.datasets import open_dataset
 from t2tedge.errors import T2tedgeError, TargetUnavailableError
@@ -28,12 +30,12 @@ from t2tedge.models.spec import Preprocess
 from t2tedge.pipeline.export import export_onnx
 from t2tedge.pipeline.store import Artifact
 from t2tedge.targets import BuildInputs, get_target
-from t2tedge.targets.onnxruntime import OnnxRuntimeRunner
 from t2tedge.targets.tensorrt import (
     BUILD_SCRIPT,
     ENGINE_CACHE,
     ENGINE_FILE,
     TRTEXEC_SCRIPT,
+    TensorRtConfig,
     build_engine,
     input_shape,
     tensorrt_status,
@@ -46,8 +48,8 @@ SIZE = 32
 MODELS = ("t2t_vit_7", "mobilenet_v2")
 TRT_OK, TRT_REASON = tensorrt_status()
 needs_tensorrt = pytest.mark.skipif(not TRT_OK, reason="no TensorRT/GPU on this host")
-# Shared quantization keys as the pipeline passes them (QuantizationConfig.for_target("tensorrt")).
-CONFIG = {"method": "minmax", "percentile": 99.999, "max_accuracy_drop": None, "accuracy_subset": 300}
+# The target's own Config with its defaults, as QuantizationConfig().for_target("tensorrt") gives it.
+CONFIG = TensorRtConfig()
 
 
 @pytest.fixture(scope="module")
@@ -70,8 +72,9 @@ def built(tmp_path_factory: pytest.TempPathFactory, images: np.ndarray) -> dict[
         export_onnx(get_spec(name).create(num_classes=10, image_size=SIZE), SIZE, fp32)
         out = root / "int8"
         out.mkdir()
-        facts = target.build(BuildInputs(fp32, SIZE, 10, "", dict(CONFIG), images[:8]), "int8", out)
-        (out / "manifest.json").write_text(json.dumps({"target": "tensorrt", "precision": "int8", "build": facts}))
+        facts = target.build(BuildInputs(fp32, SIZE, 10, calibration=images[:8]), "int8", CONFIG, out)
+        manifest = {"target": "tensorrt", "precision": "int8", "build": facts, "files": list_files(out)}
+        (out / "manifest.json").write_text(json.dumps(manifest))
         result[name] = (fp32, out, facts)
     return result
 
@@ -274,7 +277,7 @@ def test_build_fails_on_lint_error(built: dict, images: np.ndarray, tmp_path: Pa
     out.mkdir()
     with pytest.raises(T2tedgeError, match=node):
         get_target("tensorrt").build(
-            BuildInputs(tmp_path / "bad.onnx", SIZE, 10, "", dict(CONFIG), images[:8]), "fp16", out
+            BuildInputs(tmp_path / "bad.onnx", SIZE, 10, calibration=images[:8]), "fp16", CONFIG, out
         )
 
 
@@ -359,7 +362,7 @@ def test_trtexec_commands_and_dynamic_batch(built: dict, tmp_path: Path) -> None
 
 def test_fp16_artifact_is_the_plain_graph(built: dict, images: np.ndarray, tmp_path: Path) -> None:
     fp32 = built["mobilenet_v2"][0]
-    facts = get_target("tensorrt").build(BuildInputs(fp32, SIZE, 10, "", {}, images[:8]), "fp16", tmp_path)
+    facts = get_target("tensorrt").build(BuildInputs(fp32, SIZE, 10, calibration=images[:8]), "fp16", CONFIG, tmp_path)
     assert (tmp_path / "model.onnx").read_bytes() == fp32.read_bytes()
     assert facts["trtexec"].split()[:3] == ["trtexec", "--onnx=model.onnx", "--fp16"]
     assert _dry_run(tmp_path)["flags"] == ["FP16"]
@@ -369,7 +372,7 @@ def test_fp16_artifact_is_the_plain_graph(built: dict, images: np.ndarray, tmp_p
 
 def test_fp16_build_needs_calibration_images(built: dict, tmp_path: Path) -> None:
     with pytest.raises(T2tedgeError, match="FP16 range check"):
-        get_target("tensorrt").build(BuildInputs(built["mobilenet_v2"][0], SIZE, 10, "", {}), "fp16", tmp_path)
+        get_target("tensorrt").build(BuildInputs(built["mobilenet_v2"][0], SIZE, 10), "fp16", CONFIG, tmp_path)
 
 
 # --- runners -----------------------------------------------------------------------------------------
@@ -388,7 +391,7 @@ def test_availability_and_emulated_runner(built: dict, images: np.ndarray) -> No
         assert "no TensorRT/GPU on this host" in availability.reason
     fp32, out, _ = built["t2t_vit_7"]
     held_out = images[8:]
-    reference = OnnxRuntimeRunner(fp32)(held_out)
+    reference = OnnxSession(fp32)(held_out)
     runner = target.load(Artifact(out))
     if TRT_OK:
         assert getattr(runner, "label", "measured") == "measured"
@@ -410,16 +413,15 @@ def test_accuracy_aware_budget_is_honoured(built: dict, images: np.ndarray, tmp_
     heldout = preprocess(dataset, np.arange(40), pre, "held-out images")
     # labels = the FP32 predictions: FP32 top-1 is 100 %, and on 40 images one flipped prediction costs
     # 2.5 points, so a 2-point budget allows none; all-INT8 flips some (checked), so the budget binds.
-    labels = OnnxRuntimeRunner(fp32)(heldout).argmax(1)
-    inputs = BuildInputs(fp32, SIZE, 10, "", {**CONFIG, "max_accuracy_drop": 2.0}, images[:8])
-    inputs.validation_images, inputs.validation_labels = heldout, labels
-    facts = get_target("tensorrt").build(inputs, "int8", tmp_path)
+    labels = OnnxSession(fp32)(heldout).argmax(1)
+    inputs = BuildInputs(fp32, SIZE, 10, calibration=images[:8], heldout=heldout, heldout_labels=labels)
+    facts = get_target("tensorrt").build(inputs, "int8", TensorRtConfig(max_accuracy_drop=2.0), tmp_path)
     aware = facts["accuracy_aware"]
     assert aware["label"] == "emulated" and aware["fp32_top1"] == 100.0
     assert aware["int8_top1_all_quantized"] < 100.0 - 2.0
     # independently: the artifact's graph, run on the same images in the arithmetic the search judged
     # (onnxruntime's FP32 stand-in), stays within the budget
-    achieved_top1 = 100.0 * float((OnnxRuntimeRunner(tmp_path / "model.onnx")(heldout).argmax(1) == labels).mean())
+    achieved_top1 = 100.0 * float((OnnxSession(tmp_path / "model.onnx")(heldout).argmax(1) == labels).mean())
     assert 100.0 - achieved_top1 <= 2.0
     assert aware["met"] and aware["accuracy_drop"] == pytest.approx(100.0 - achieved_top1)
     assert facts["lint"]["error"] == 0
@@ -446,7 +448,7 @@ def test_engine_builds_and_matches_emulation(built: dict, images: np.ndarray, na
     runner = get_target("tensorrt").load(Artifact(out))
     assert runner.label == "measured"
     logits = runner(images)
-    emulated = OnnxRuntimeRunner(out / "model.onnx")(images)
+    emulated = OnnxSession(out / "model.onnx")(images)
     assert _cosine(logits, emulated).min() > 0.98
 
 
@@ -480,7 +482,7 @@ def overflowing(tmp_path_factory: pytest.TempPathFactory, images: np.ndarray) ->
     export_onnx(model, SIZE, fp32)
     out = root / "fp16"
     out.mkdir()
-    facts = get_target("tensorrt").build(BuildInputs(fp32, SIZE, 10, "", dict(CONFIG), images[:8]), "fp16", out)
+    facts = get_target("tensorrt").build(BuildInputs(fp32, SIZE, 10, calibration=images[:8]), "fp16", CONFIG, out)
     manifest = {
         "target": "tensorrt",
         "precision": "fp16",
@@ -493,7 +495,7 @@ def overflowing(tmp_path_factory: pytest.TempPathFactory, images: np.ndarray) ->
             "preprocess": Preprocess(input_size=SIZE, resize_size=SIZE, interpolation="bilinear").to_dict(),
         },
     }
-    (out / "manifest.json").write_text(json.dumps(manifest))
+    (out / "manifest.json").write_text(json.dumps({**manifest, "files": list_files(out)}))
     return out, facts
 
 
@@ -539,7 +541,7 @@ def test_pinned_emulation_is_finite_and_unpinned_validation_fails(
     shutil.copytree(out, unpinned)
     manifest = json.loads((unpinned / "manifest.json").read_text())
     manifest["build"]["fp32_layers"] = {"nodes": [], "tensors": []}
-    (unpinned / "manifest.json").write_text(json.dumps(manifest))
+    (unpinned / "manifest.json").write_text(json.dumps({**manifest, "files": list_files(unpinned)}))
     result = run_validation(target, Artifact(unpinned), images[8:], labels)
     assert result["status"] == "failed" and "top1" not in result
     assert result["reason"] == "non-finite logits (NaN/Inf) for 8 of 8 images"
@@ -550,16 +552,17 @@ def test_pinned_emulation_is_finite_and_unpinned_validation_fails(
 
 def test_calibration_method_is_chosen_on_the_heldout_split(built: dict, images: np.ndarray, tmp_path: Path) -> None:
     fp32 = built["mobilenet_v2"][0]
-    inputs = BuildInputs(fp32, SIZE, 10, "", dict(CONFIG), images[:8])
-    inputs.heldout = images[8:]
-    facts = get_target("tensorrt").build(inputs, "int8", tmp_path)
+    inputs = BuildInputs(fp32, SIZE, 10, calibration=images[:8], heldout=images[8:])
+    facts = get_target("tensorrt").build(inputs, "int8", CONFIG, tmp_path)
     choice = facts["calibration_choice"]
     assert [c["method"] for c in choice["candidates"]] == ["minmax", "percentile", "entropy"]
     best = max(choice["candidates"], key=lambda c: (c["top1_agreement"], -c["logit_abs_err_mean"]))
     assert choice["chosen"] == best["method"] == facts["settings"]["method"]
     assert choice["heldout_images"] == 8
     # a method set in the recipe is used as it is, without a choice
-    fixed = BuildInputs(fp32, SIZE, 10, "", {**CONFIG, "calibration_method": "entropy"}, images[:8], images[8:])
+    fixed = BuildInputs(fp32, SIZE, 10, calibration=images[:8], heldout=images[8:])
     (tmp_path / "fixed").mkdir()
-    facts = get_target("tensorrt").build(fixed, "int8", tmp_path / "fixed")
+    facts = get_target("tensorrt").build(
+        fixed, "int8", TensorRtConfig(calibration_method="entropy"), tmp_path / "fixed"
+    )
     assert "calibration_choice" not in facts and facts["settings"]["method"] == "entropy"

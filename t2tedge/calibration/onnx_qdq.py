@@ -1,4 +1,4 @@
-"""Static INT8 quantization of an ONNX graph into QDQ form, shared by the ONNX Runtime and TensorRT targets.
+"""Static INT8 quantization of an ONNX graph into QDQ form, shared by every target whose artifact is Q/DQ ONNX.
 
 Built on `onnxruntime.quantization`, with the calibrate and quantize steps split apart so that
 
@@ -88,20 +88,6 @@ class QdqSettings:
         """Op types handed to ORT's calibrator and quantizer."""
         fused = () if self.activation_symmetric else self.fused_activation_types
         return [*self.op_types, *(t for t in fused if t not in self.op_types)]
-
-    @classmethod
-    def from_config(cls, config: dict[str, Any], **overrides: Any) -> QdqSettings:
-        """Settings from a recipe's quantization dict (`QuantizationConfig.for_target`)."""
-        known = {
-            "method": config.get("method"),
-            "percentile": config.get("percentile"),
-            "op_types": tuple(config["op_types"]) if config.get("op_types") else None,
-            "activation_type": config.get("activation_type"),
-            "per_channel": config.get("per_channel"),
-            "nodes_to_exclude": tuple(config.get("exclude_nodes") or ()),
-            "activation_matmuls": config.get("activation_matmuls"),
-        }
-        return cls(**{k: v for k, v in known.items() if v is not None}, **overrides)
 
     def describe(self) -> dict[str, Any]:
         """The settings as manifest facts (method parameters only where they apply)."""

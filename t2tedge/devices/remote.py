@@ -27,12 +27,12 @@ from typing import Any
 
 import numpy as np
 
+from t2tedge.artifact import Artifact, read_manifest, sha256_file
 from t2tedge.devices.config import Device, get_device
 from t2tedge.devices.remote_runner import FIXED_BATCH_REASON
 from t2tedge.devices.ssh import DeviceDiskFullError, DeviceError, Ssh, quote_path
 from t2tedge.evaluation.accuracy import MEASURED, UNAVAILABLE, accuracy_report
-from t2tedge.pipeline.store import Artifact, read_manifest, sha256_file
-from t2tedge.targets import get_target, list_targets, payload_files
+from t2tedge.targets import Target, get_target, list_targets, loader_source, payload_files
 
 RUNNER_SOURCE = Path(__file__).with_name("remote_runner.py").read_bytes()
 # What each target's runner reads from the artifact directory (a directory is sent with all its files).
@@ -40,6 +40,14 @@ INFO_TIMEOUT_S = 60.0
 CHECK_TIMEOUT_S = 120.0
 # Headroom kept free on the device beyond the bytes being uploaded.
 DISK_MARGIN_BYTES = 16 << 20
+
+
+def runtimes_wanted(targets: list[Target]) -> dict[str, dict[str, Any]]:
+    """What the device runner checks per target: the runtime module and the systems it runs on."""
+    return {
+        t.name: {"module": t.capabilities.device_runtime, "systems": list(t.capabilities.device_systems)}
+        for t in targets
+    }
 
 
 def artifact_files(path: Path, target: str) -> dict[str, Path]:
@@ -87,7 +95,8 @@ class RemoteDevice:
 
     def info(self, targets: list[str] | None = None, timeout_s: float = INFO_TIMEOUT_S) -> dict[str, Any]:
         """Host facts and which target runtimes import there, with versions."""
-        return self._python("info", {"targets": targets or [t.name for t in list_targets()]}, timeout_s)["host"]
+        wanted = [get_target(t) for t in targets] if targets else list_targets()
+        return self._python("info", {"runtimes": runtimes_wanted(wanted)}, timeout_s)["host"]
 
     def sync(self, files: dict[str, Path], timeout_s: float) -> tuple[dict[str, str], str | None, dict[str, int]]:
         """Make ``files`` (remote path relative to the work directory -> local file) present on the device.
@@ -136,6 +145,8 @@ class RemoteDevice:
         manifest = read_manifest(artifact_dir)
         target = manifest.get("target", "")
         local = artifact_files(Path(artifact_dir), target)
+        # what leaves for the device is byte for byte what the build wrote (the device re-checks each hash)
+        Artifact(Path(artifact_dir)).verify(local)
         listing = json.dumps(sorted((name, sha256_file(p)) for name, p in local.items()))
         remote_dir = f"artifacts/{hashlib.sha256(listing.encode()).hexdigest()[:16]}"
         files = {f"{remote_dir}/{name}": p for name, p in local.items()}
@@ -154,6 +165,8 @@ class RemoteDevice:
                 "files": shas,
                 "upload": upload,
                 "target": target,
+                "loader": loader_source(get_target(target).capabilities),
+                "runtimes": runtimes_wanted([get_target(target)]),
                 "artifact": remote_dir,
                 "mode": mode,
                 "build": manifest.get("build", {}),
@@ -176,8 +189,6 @@ def fixed_batch(artifact_dir: Path) -> int | None:
     """The batch size an artifact's input is fixed to, from its manifest or its ONNX graph (None: dynamic/unknown)."""
     manifest = read_manifest(artifact_dir)
     shape = manifest.get("build", {}).get("input", {}).get("shape")
-    if manifest.get("target") == "coreml":  # Core ML predicts image by image whatever the batch
-        return None
     if shape is None and "model.onnx" in artifact_files(Path(artifact_dir), manifest.get("target", "")):
         import onnx
 

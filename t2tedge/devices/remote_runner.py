@@ -10,6 +10,11 @@ installed there; it imports nothing from t2tedge and keeps to Python 3.8 (JetPac
   then time the artifact (``latency``) or compute logits for a tensor file (``logits``).
 
 REQUEST is base64 JSON. The answer is one JSON line on stdout; whatever the runtimes print goes to stderr.
+
+Loading code is not here: each target's module has one ``device_load(kit, directory, request)`` that
+t2tedge's own ``load()`` calls locally, and ``run`` receives its source in the request and calls it with
+this module as ``kit`` (``Model``, ``Unavailable``, ``Failure``, ``import_runtime``, ``static``,
+``Cuda``, ``gpu``, ``remaining``). So a device runs the artifact exactly as a local run does.
 """
 
 from __future__ import annotations
@@ -31,7 +36,6 @@ import subprocess
 import sys
 import time
 
-RUNTIMES = {"onnxruntime": "onnxruntime", "openvino": "openvino", "tensorrt": "tensorrt", "coreml": "coremltools"}
 STALE_INCOMING_S = 24 * 3600
 # Why a fixed-batch artifact is not timed at another batch size; t2tedge's local bench says the same.
 FIXED_BATCH_REASON = "the artifact has a fixed batch of {fixed} (export with dynamic_batch: true to sweep batch sizes)"
@@ -89,34 +93,40 @@ def _gpu() -> str | None:
     return None
 
 
-def runtime_version(target: str) -> str:
-    """The version of a target's runtime; raises ImportError (or whatever the import raises) if it has none."""
-    module = __import__(RUNTIMES[target])
-    if target == "openvino":
-        return module.get_version()
-    return getattr(module, "__version__", "unknown")
+def runtime_version(module) -> str:
+    """The version of an imported runtime module."""
+    version = getattr(module, "__version__", None)
+    if version is None and callable(getattr(module, "get_version", None)):
+        version = module.get_version()
+    return str(version or "unknown")
 
 
-def runtimes(targets: list) -> dict:
+def runtimes(wanted: dict) -> dict:
+    """For each target, whether its runtime module imports here (with its version), or why not.
+
+    ``wanted``: target -> {"module": name, "systems": [platform.system() values it runs on, empty: any]}.
+    """
     found = {}
-    for target in targets:
-        if target == "coreml" and platform.system() != "Darwin":
-            # Core ML cannot predict here whatever is installed; importing coremltools (and torch) takes ~10 s.
-            found[target] = {"module": RUNTIMES[target], "error": "Core ML predicts only on macOS"}
+    for target, need in wanted.items():
+        module = need["module"]
+        systems = need.get("systems") or []
+        if systems and platform.system() not in systems:
+            # It cannot run here whatever is installed (and importing coremltools with torch takes ~10 s).
+            found[target] = {"module": module, "error": target + " runs only on " + "/".join(systems)}
             with contextlib.suppress(Exception):
                 from importlib.metadata import version
 
-                found[target]["installed"] = version("coremltools")
+                found[target]["installed"] = version(need.get("distribution") or module)
             continue
         try:
-            found[target] = {"module": RUNTIMES[target], "version": runtime_version(target)}
+            found[target] = {"module": module, "version": runtime_version(__import__(module))}
         except Exception as exc:  # ImportError, or a broken install raising anything else
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            found[target] = {"module": RUNTIMES[target], "error": reason[:200]}
+            found[target] = {"module": module, "error": reason[:200]}
     return found
 
 
-def host_facts(targets: list) -> dict:
+def host_facts(wanted: dict) -> dict:
     try:
         import numpy
 
@@ -134,7 +144,7 @@ def host_facts(targets: list) -> dict:
         "python": platform.python_version(),
         "python_executable": sys.executable,
         "numpy": numpy_version,
-        "runtimes": runtimes(targets),
+        "runtimes": runtimes(wanted),
     }
 
 
@@ -228,60 +238,17 @@ class Model:
         return np.concatenate([self.run(images[i : i + step]) for i in range(0, len(images), step)])
 
 
-def _import(target: str):
+def import_runtime(module: str):
+    """A target runtime's module, or Unavailable (t2tedge fills in {device})."""
     try:
-        return __import__(RUNTIMES[target])
+        return __import__(module)
     except Exception as exc:
-        raise Unavailable(target + " not importable on {device}") from exc
+        raise Unavailable(module + " not importable on {device}") from exc
 
 
-def _static(dim):
+def static(dim):
+    """A static dimension (a positive int), else None."""
     return dim if isinstance(dim, int) and dim > 0 else None
-
-
-def load_onnxruntime(directory: str, request: dict) -> Model:
-    ort = _import("onnxruntime")
-    options = ort.SessionOptions()
-    if request.get("threads"):
-        options.intra_op_num_threads = int(request["threads"])
-    options.inter_op_num_threads = 1
-    session = ort.InferenceSession(os.path.join(directory, "model.onnx"), options, providers=["CPUExecutionProvider"])
-    inp = session.get_inputs()[0]
-    facts = {
-        "runtime": "onnxruntime",
-        "version": ort.__version__,
-        "providers": session.get_providers(),
-        "threads": request.get("threads") or "runtime default",
-    }
-    return Model(
-        lambda x: session.run(None, {inp.name: x})[0], _static(inp.shape[0]), [_static(d) for d in inp.shape[1:]], facts
-    )
-
-
-def load_openvino(directory: str, request: dict) -> Model:
-    ov = _import("openvino")
-    with open(os.path.join(directory, "compile.json")) as fh:
-        hint = json.load(fh).get("INFERENCE_PRECISION_HINT")
-    # The same compile properties as t2tedge's local OpenVinoRunner.
-    properties = {"PERFORMANCE_HINT": "LATENCY"}
-    if hint:
-        properties["INFERENCE_PRECISION_HINT"] = hint
-    if request.get("threads"):
-        properties["INFERENCE_NUM_THREADS"] = int(request["threads"])
-    core = ov.Core()
-    compiled = core.compile_model(core.read_model(os.path.join(directory, "model.xml")), "CPU", properties)
-    infer = compiled.create_infer_request()
-    shape = compiled.input(0).get_partial_shape()
-    dims = [d.get_length() if d.is_static else None for d in shape]
-    facts = {
-        "runtime": "openvino",
-        "version": ov.get_version(),
-        "device": "CPU",
-        "inference_precision_hint": hint or "plugin default",
-        "inference_precision_used": compiled.get_property("INFERENCE_PRECISION_HINT").to_string(),
-        "threads": int(compiled.get_property("INFERENCE_NUM_THREADS")),
-    }
-    return Model(lambda x: infer.infer({0: x})[0], dims[0], dims[1:], facts)
 
 
 class _Cuda:
@@ -345,121 +312,16 @@ class _Cuda:
         self._check(self.lib.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
 
 
-def load_tensorrt(directory: str, request: dict) -> Model:
-    """Build the engine from the artifact's Q/DQ ONNX (cached here by content hash), then run it."""
-    import numpy as np
-
-    trt = _import("tensorrt")
-    cuda = _Cuda()
-    gpu = _gpu() or "gpu"
-    key = hashlib.sha256(f"{request['model_sha256']}|{trt.__version__}|{gpu}".encode()).hexdigest()
-    engines = os.path.join(request["workdir"], "engines")
-    engine = os.path.join(engines, key[:16] + ".engine")
-    built_now = not os.path.isfile(engine)
-    if built_now:
-        os.makedirs(engines, exist_ok=True)
-        staging = f"{engine}.{os.getpid()}.tmp"
-        argv = [sys.executable, os.path.join(directory, "build_engine.py"), directory, "--engine", staging]
-        argv += ["--timing-cache", os.path.join(engines, "timing.cache")]
-        result = subprocess.run(argv, stdout=sys.stderr, stderr=subprocess.PIPE, timeout=_remaining())
-        if result.returncode != 0 or not os.path.isfile(staging):
-            tail = result.stderr.decode(errors="replace").strip().splitlines()[-3:]
-            raise Failure("error", "TensorRT engine build failed: " + (" | ".join(tail) or "no output"))
-        os.replace(staging, engine)
-    logger = trt.Logger(trt.Logger.WARNING)
-    with open(engine, "rb") as fh:
-        compiled = trt.Runtime(logger).deserialize_cuda_engine(fh.read())
-    context = compiled.create_execution_context()
-    names = [compiled.get_tensor_name(i) for i in range(compiled.num_io_tensors)]
-    inp = next(n for n in names if compiled.get_tensor_mode(n) == trt.TensorIOMode.INPUT)
-    out = next(n for n in names if compiled.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT)
-    shape = list(compiled.get_tensor_shape(inp))
-    fixed = shape[0] if shape[0] > 0 else None
-    in_type, out_type = trt.nptype(compiled.get_tensor_dtype(inp)), trt.nptype(compiled.get_tensor_dtype(out))
-    # Like trtexec: device buffers and page-locked host buffers allocated once (grown, never per iteration),
-    # async copies on one stream, CUDA events around the enqueue for the GPU compute time.
-    buffers = {}
-    events = [cuda.event() for _ in range(2)]
-    gpu_seconds = []
-
-    def ensure(name, nbytes, dtype):
-        if buffers.get(name, (0, 0, None))[1] < nbytes:
-            buffers[name] = (cuda.malloc(nbytes), nbytes, cuda.pinned(nbytes, dtype))
-            context.set_tensor_address(name, buffers[name][0])
-        return buffers[name]
-
-    def run(x):
-        x = np.ascontiguousarray(x, dtype=in_type)
-        context.set_input_shape(inp, tuple(x.shape))
-        out_shape = tuple(context.get_tensor_shape(out))
-        out_count = int(np.prod(out_shape))
-        y_bytes = out_count * np.dtype(out_type).itemsize
-        device_in, _, host_in = ensure(inp, x.nbytes, in_type)
-        device_out, _, host_out = ensure(out, y_bytes, out_type)
-        host_in[: x.size] = x.ravel()
-        # Per iteration: copy in, execute, copy out, synchronized: trtexec's end-to-end "Latency".
-        cuda.copy_async(device_in, host_in.ctypes.data, x.nbytes, cuda.H2D)
-        cuda.record(events[0])
-        if not context.execute_async_v3(cuda.stream.value):
-            raise Failure("error", "TensorRT inference failed")
-        cuda.record(events[1])
-        cuda.copy_async(host_out.ctypes.data, device_out, y_bytes, cuda.D2H)
-        cuda.synchronize()
-        gpu_seconds.append(cuda.elapsed_ms(events[0], events[1]) / 1000.0)  # trtexec's "GPU Compute Time"
-        return host_out[:out_count].reshape(out_shape).astype(np.float32)
-
-    facts = {
-        "runtime": "tensorrt",
-        "version": trt.__version__,
-        "gpu": gpu,
-        "engine": {"cache_key": key[:16], "built_now": built_now, "precision": request["build"].get("precision")},
-        "timing": "pinned host buffers; host->device copy + execute_async_v3 + device->host copy per iteration "
-        "(trtexec 'Latency'); CUDA events around execute_async_v3 (trtexec 'GPU Compute Time')",
-    }
-    model = Model(run, fixed, [d if d > 0 else None for d in shape[1:]], facts)
-    model.gpu_seconds = gpu_seconds
-    return model
+Cuda = _Cuda
+gpu = _gpu
 
 
-def load_coreml(directory: str, request: dict) -> Model:
-    """Compile the .mlpackage and predict with Core ML (macOS only), one image at a time like t2tedge."""
-    import numpy as np
-
-    if platform.system() != "Darwin":
-        raise Unavailable("coreml predicts only on macOS; {device} runs " + platform.system())
-    ct = _import("coreml")
-    build = request["build"]
-    units = request.get("compute_units") or build.get("compute_units", "ALL")
-    package = os.path.join(directory, build.get("package", "model.mlpackage"))
-    model = ct.models.MLModel(package, compute_units=ct.ComputeUnit[units])  # compiles the package
-    image_input = build["input"] if build.get("input", {}).get("type") == "image" else None
-    name, output = build.get("input", {}).get("name", "images"), build.get("output", "logits")
-
-    def feed(image):
-        if image_input is None:
-            return image[None]
-        from PIL import Image
-
-        mean = np.asarray(image_input["mean"], np.float32)[:, None, None]
-        std = np.asarray(image_input["std"], np.float32)[:, None, None]
-        pixels = np.clip(np.rint((image * std + mean) * 255), 0, 255).astype(np.uint8)
-        return Image.fromarray(pixels.transpose(1, 2, 0), "RGB")
-
-    def run(x):
-        return np.concatenate([np.asarray(model.predict({name: feed(i)})[output]) for i in x]).astype(np.float32)
-
-    shape = build.get("input", {}).get("shape", [1, 3, None, None])
-    facts = {"runtime": "coreml", "version": ct.__version__, "compute_units": units}
-    # run() predicts image by image whatever the batch, as t2tedge's local Core ML runner does
-    return Model(run, None, shape[1:], facts)
-
-
-LOADERS = {
-    "onnxruntime": load_onnxruntime,
-    "openvino": load_openvino,
-    "tensorrt": load_tensorrt,
-    "coreml": load_coreml,
-}
+def load(directory: str, request: dict) -> Model:
+    """Run the target's own loader, whose source t2tedge sent in the request (see the module docstring)."""
+    loader = request["loader"]
+    namespace = {"__name__": "t2tedge_device_loader"}
+    exec(compile(loader["source"], "<" + request["target"] + " device_load>", "exec"), namespace)
+    return namespace[loader["name"]](sys.modules[__name__], directory, request)
 
 
 def latency(model: Model, request: dict) -> list:
@@ -502,15 +364,14 @@ def run(request: dict) -> dict:
             path = _safe(workdir, relative)
             if not os.path.isfile(path) or sha256_file(path) != expected:
                 raise Failure("corrupt", f"{relative} changed on the device since it was checked")
-    target = request["target"]
     directory = _safe(workdir, request["artifact"])
-    facts = host_facts([target])
+    facts = host_facts(request.get("runtimes", {}))
     try:
         try:
             import numpy  # noqa: F401
         except ImportError:
             raise Unavailable("numpy not importable on {device}") from None
-        model = LOADERS[target](directory, request)
+        model = load(directory, request)
         seconds = latency(model, request) if request["mode"] == "latency" else None
     except Unavailable as exc:
         return {"ok": True, "host": facts, "unavailable": str(exc)}
@@ -529,7 +390,7 @@ def run(request: dict) -> dict:
 _DEADLINE = [None]
 
 
-def _remaining() -> float | None:
+def remaining() -> float | None:
     return None if _DEADLINE[0] is None else max(1.0, _DEADLINE[0] - time.monotonic())
 
 
@@ -547,7 +408,7 @@ def main(argv: list) -> int:
             signal.alarm(int(request["deadline_s"]))
             _DEADLINE[0] = time.monotonic() + float(request["deadline_s"])
         if command == "info":
-            answer = {"ok": True, "host": host_facts(request.get("targets") or list(RUNTIMES))}
+            answer = {"ok": True, "host": host_facts(request.get("runtimes", {}))}
         elif command == "check":
             answer = {"ok": True, **check(request)}
         elif command == "run":

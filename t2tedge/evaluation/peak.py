@@ -8,6 +8,7 @@ An artifact's efficiency is its achieved GMAC/s over the peak of the runtime and
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import tempfile
 from pathlib import Path
@@ -61,22 +62,41 @@ def _gemm_models(size: int, workdir: Path) -> tuple[Path, Path]:
     return fp32, int8
 
 
+def _openvino_gemm_runners(fp32: Path, int8: Path, threads: int | None) -> dict[str, Any]:
+    """The FP32 graph at each float precision OpenVINO's CPU plugin offers, the QDQ graph as INT8.
+
+    Keys name the precision the plugin reports it ran in, as the OpenVINO target's runtime facts do.
+    """
+    import openvino as ov
+
+    core = ov.Core()
+    offered = set(core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
+    hints = ["f32"] + [hint for capability, hint in (("BF16", "bf16"), ("FP16", "f16")) if capability in offered]
+    graphs = [(fp32, hint, f"openvino/{hint}") for hint in hints] + [(int8, None, "openvino/int8")]
+    runners = {}
+    for path, hint, key in graphs:
+        properties: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY"}
+        if hint:
+            properties["INFERENCE_PRECISION_HINT"] = hint
+        if threads:
+            properties["INFERENCE_NUM_THREADS"] = int(threads)
+        request = core.compile_model(core.read_model(path), "CPU", properties).create_infer_request()
+        runners[key] = lambda x, request=request: request.infer({0: x})[0]
+    return runners
+
+
 @functools.cache
 def peak_gmacs(threads: int | None = None, size: int = GEMM_SIZE, min_seconds: float = 0.5) -> dict[str, Any]:
     """Peak GMAC/s per ``runtime/precision`` key (e.g. ``onnxruntime/int8``, ``openvino/bf16``), measured once."""
-    from t2tedge.targets.onnxruntime import OnnxRuntimeRunner
+    from t2tedge.calibration.onnx_session import OnnxSession
 
     runners: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
         fp32, int8 = _gemm_models(size, Path(tmp))
-        runners["onnxruntime/fp32"] = OnnxRuntimeRunner(fp32, threads)
-        runners["onnxruntime/int8"] = OnnxRuntimeRunner(int8, threads)
-        try:
-            from t2tedge.targets.openvino import openvino_gemm_runners
-
-            runners.update(openvino_gemm_runners(fp32, int8, threads))
-        except ImportError:
-            pass
+        runners["onnxruntime/fp32"] = OnnxSession(fp32, threads)
+        runners["onnxruntime/int8"] = OnnxSession(int8, threads)
+        with contextlib.suppress(ImportError):
+            runners.update(_openvino_gemm_runners(fp32, int8, threads))
         x = np.random.default_rng(1).standard_normal((size, size)).astype(np.float32)
         times = time_interleaved(runners, x, warmup=5, min_iters=20, min_seconds=min_seconds, round_iters=5)
     macs = size**3

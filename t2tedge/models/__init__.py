@@ -7,7 +7,7 @@ from pathlib import Path
 from t2tedge.errors import CheckpointError
 from t2tedge.models import mobilenet, t2t_vit  # noqa: F401  (registration side effects)
 from t2tedge.models.checkpoint import LoadedModel, load_model, read_checkpoint, save_checkpoint
-from t2tedge.models.spec import ModelSpec, PaperFacts, Preprocess, get_spec, list_specs
+from t2tedge.models.spec import ModelSpec, PaperFacts, Preprocess, get_spec, graph_form, list_specs
 
 DEMO_WEIGHTS_DIR = Path(__file__).parent / "demo_weights"
 
@@ -40,6 +40,7 @@ def pretrained_checkpoint(spec: ModelSpec) -> Path:
 
 
 __all__ = [
+    "graph_form",
     "DEMO_WEIGHTS_DIR",
     "LoadedModel",
     "ModelSpec",

@@ -76,12 +76,22 @@ class PaperFacts:
 class QuantizationHints:
     """What a model tells the targets about quantizing it; targets read these, never model classes.
 
+    ``model_type``: NNCF's model type (``"transformer"``: SmoothQuant-aware handling of MatMuls and
+    LayerNorm); None for NNCF's default (CNNs).
     ``float_modules``: module-path globs whose own arithmetic (not their Linear/Conv layers) stays float
-    in quantizers that quantize every op (Core ML's w8a8): T2T-ViT's Performer kernel, whose
-    exponentials and normalizer lose everything at 8 bits.
+    in quantizers that quantize every op (Core ML's w8a8, ExecuTorch's standard recipe): T2T-ViT's
+    Performer kernel, whose exponentials and normalizer lose everything at 8 bits.
+    ``float_matmul_modules``: module-path globs whose own activation x activation MatMuls (attention
+    scores, attention x values, the Performer products) stay out of INT8 in quantizers that would put
+    them in (NNCF's transformer mode); their Linear layers are still quantized.
+    ``fp16_overflow``: module-path globs known to leave FP16's range in their direct form (informational:
+    the FP16 range check finds overflow from data either way).
     """
 
+    model_type: str | None = None
     float_modules: tuple[str, ...] = ()
+    float_matmul_modules: tuple[str, ...] = ()
+    fp16_overflow: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -147,3 +157,10 @@ def get_spec(name: str) -> ModelSpec:
 def list_specs() -> list[ModelSpec]:
     """All registered specs, in registration order."""
     return list(_REGISTRY.values())
+
+
+def graph_form(model: nn.Module) -> nn.Module | None:
+    """The model's graph form (T2T-ViT: the same function with soft splits as row gathers, what ONNX and
+    the graph-based targets take), or None where the model has only one form."""
+    form = getattr(model, "export_form", None)
+    return form().eval() if callable(form) else None

@@ -440,9 +440,18 @@ _PUBLISHED: dict[str, tuple[float, float, float, str]] = {
 _SOURCE = "Yuan et al. 2021 (arXiv:2101.11986), ImageNet results tables; official README"
 
 PREPROCESS = Preprocess.from_crop_pct(224, 0.9, interpolation="bicubic")
-# The performer token layers' kernel math (exp features, normalizer, their products) stays float in
-# full-graph 8-bit quantizers: at 8 bits the demo T2T-ViT-7's w8a8 falls to 10.5 % top-1 with NaN logits.
-HINTS = QuantizationHints(float_modules=("tokens_to_token.attention?",))
+# Every T2T-ViT: NNCF's transformer mode, and the backbone attention's q.k^T / attn.v products out of INT8.
+TRANSFORMER_HINTS = QuantizationHints(model_type="transformer", float_matmul_modules=("blocks.*.attn",))
+# Performer token layers besides: their kernel math (exp features, normalizer, their products) stays float
+# in full-graph 8-bit quantizers (at 8 bits the demo T2T-ViT-7's w8a8 falls to 10.5 % top-1 with NaN
+# logits), and their MatMuls stay out of NNCF's INT8; the direct form of their kernel overflows FP16.
+PERFORMER_HINTS = QuantizationHints(
+    model_type="transformer",
+    float_modules=("tokens_to_token.attention?",),
+    float_matmul_modules=("tokens_to_token.attention?", "blocks.*.attn"),
+    fp16_overflow=("tokens_to_token.attention?",),
+)
+HINTS = PERFORMER_HINTS
 
 
 def _build(name: str, num_classes: int = 1000, image_size: int = 224, **kwargs: Any) -> T2TViT:
@@ -491,7 +500,7 @@ for _name in VARIANTS:
             size_multiple=16,
             pretrained_url=_RELEASES + _file if _file else None,
             checkpoint_filter=checkpoint_filter_fn,
-            quantization=HINTS if VARIANTS[_name]["tokens_type"] == "performer" else QuantizationHints(),
+            quantization=PERFORMER_HINTS if VARIANTS[_name]["tokens_type"] == "performer" else TRANSFORMER_HINTS,
         )
     )
     globals()[_name] = _entrypoint = _timm_entrypoint(_name)

@@ -26,7 +26,7 @@ from t2tedge.evaluation.latency import summarize, time_interleaved
 from t2tedge.pipeline.recipe import BenchmarkConfig
 from t2tedge.pipeline.store import Artifact, read_manifest
 from t2tedge.progress import log, progress_task, track
-from t2tedge.targets import get_target
+from t2tedge.targets import get_target, load_verified, peak_key
 
 LOCAL = "local"
 
@@ -77,23 +77,6 @@ def model_macs(model: str, image_size: int, num_classes: int) -> int:
     from t2tedge.models.counting import count_macs
 
     return count_macs(get_spec(model).create(num_classes=num_classes, image_size=image_size), image_size)
-
-
-def peak_key(target: str, precision: str, runtime: dict[str, Any]) -> str | None:
-    """Which of the host's peak GEMM rates an artifact is measured against."""
-    if target == "onnxruntime":
-        return f"onnxruntime/{'int8' if precision == 'int8' else 'fp32'}"
-    if target == "openvino":
-        return f"openvino/{'int8' if precision == 'int8' else runtime.get('inference_precision', 'f32')}"
-    return None
-
-
-def _runtime_facts(runner: Any, precision: str) -> dict[str, Any]:
-    facts: dict[str, Any] = {}
-    if hasattr(runner, "inference_precision"):  # OpenVINO: what the plugin actually ran in
-        facts["precision_hint_requested"] = runner.precision_hint_requested or "plugin default"
-        facts["inference_precision"] = runner.inference_precision
-    return facts
 
 
 def bench_artifacts(
@@ -236,14 +219,13 @@ def _prepare(
     if not availability.can_run:
         why = availability.reason or "its runtime cannot run on this host"
         return {**base, "label": UNAVAILABLE, "reason": f"not measurable here: {why}"}, None
-    runner = target.load(artifact, threads=threads)
-    if getattr(runner, "label", MEASURED) != MEASURED:
+    runner = load_verified(target, artifact, threads)
+    if runner.label != MEASURED:
         return {**base, "label": UNAVAILABLE, "reason": "only an emulation runs here; emulations are not timed"}, None
-    fixed = getattr(runner, "fixed_batch", None)
-    if fixed is not None and fixed != batch:
-        reason = FIXED_BATCH_REASON.format(fixed=fixed)
+    if runner.fixed_batch is not None and runner.fixed_batch != batch:
+        reason = FIXED_BATCH_REASON.format(fixed=runner.fixed_batch)
         return {**base, "label": UNAVAILABLE, "reason": reason}, None
-    return {**base, "label": MEASURED, "runtime": _runtime_facts(runner, manifest["precision"])}, runner
+    return {**base, "label": MEASURED, "runtime": dict(runner.runtime_facts)}, runner
 
 
 def _efficiency(record: dict[str, Any], manifest: dict[str, Any], peaks: dict[str, Any] | None) -> None:
@@ -252,7 +234,7 @@ def _efficiency(record: dict[str, Any], manifest: dict[str, Any], peaks: dict[st
     achieved = macs * record["batch"] / (record["latency_ms_p50"] / 1000.0) / 1e9
     record["gmacs_per_image"] = round(macs / 1e9, 4)
     record["achieved_gmacs_per_s"] = round(achieved, 2)
-    key = peak_key(manifest["target"], manifest["precision"], record.get("runtime", {}))
+    key = peak_key(get_target(manifest["target"]).capabilities, manifest["precision"], record.get("runtime", {}))
     if peaks and key in peaks["gmacs"]:
         record["peak"] = {"key": key, "gmacs_per_s": peaks["gmacs"][key], "gemm": peaks["gemm"]}
         record["efficiency_pct"] = round(100.0 * achieved / peaks["gmacs"][key], 2)

@@ -25,6 +25,7 @@ from t2tedge.errors import CheckpointError, DatasetError, T2tedgeError, TargetUn
 from t2tedge.evaluation import host as this_host
 from t2tedge.evaluation.host import host_info
 from t2tedge.models import LoadedModel, demo_checkpoint, get_spec, load_model, pretrained_checkpoint
+from t2tedge.models.spec import graph_form
 from t2tedge.pipeline.export import GRAPH_REVISION, ONNX_FILE, export_onnx, parity, torch_logits
 from t2tedge.pipeline.recipe import ModelEntry, Recipe
 from t2tedge.pipeline.store import Artifact, ArtifactStore, sha256_file, write_json
@@ -33,14 +34,9 @@ from t2tedge.progress import log
 from t2tedge.targets import BuildInputs, check_precision, get_target
 
 PACKAGE_DIR = Path(t2tedge.__file__).resolve().parent
-# The quantization machinery every calibrated target shares: its rules decide the files too.
-SHARED_RULE_FILES = ("calibration/__init__.py", "calibration/onnx_qdq.py")
-# Files a target applies beyond its own module: TensorRT's lint and the engine script it ships, and the
-# FP16 emulation that range-checks (and, off the device, validates) the accelerator targets' artifacts.
-EXTRA_RULE_FILES = {
-    "tensorrt": ("targets/tensorrt_lint.py", "targets/tensorrt_build_engine.py", "emulation/*.py"),
-    "coreml": ("emulation/*.py",),
-}
+# What every target's rules rest on: the shared quantization machinery and the target contract. Files a
+# target applies beyond its own module are its capabilities' ``rule_files``.
+SHARED_RULE_FILES = ("calibration/*.py", "targets/base.py")
 # The export form is our code: the model sources decide the exported graph.
 MODEL_FILES = ("models/t2t_vit.py", "models/mobilenet.py", "models/spec.py", "pipeline/export.py")
 
@@ -56,8 +52,9 @@ def rules_digest(target_name: str) -> str:
 
     Part of the compile key, so changing any placement rule, scope, default or shipped script rebuilds.
     """
-    module = Path(sys.modules[type(get_target(target_name)).__module__].__file__).resolve()
-    patterns = (module.relative_to(PACKAGE_DIR).as_posix(), *EXTRA_RULE_FILES.get(target_name, ()), *SHARED_RULE_FILES)
+    target = get_target(target_name)
+    module = Path(sys.modules[type(target).__module__].__file__).resolve()
+    patterns = (module.relative_to(PACKAGE_DIR).as_posix(), *target.capabilities.rule_files, *SHARED_RULE_FILES)
     return hashlib.sha256(json.dumps(_sources_digest(patterns), sort_keys=True).encode()).hexdigest()
 
 
@@ -264,9 +261,9 @@ class Builder:
             images, _, _ = cached_preprocess(
                 calibration_source, indices, loaded.preprocess, self.cache_dir / "tensors", "parity images"
             )
-            from t2tedge.targets.onnxruntime import OnnxRuntimeRunner
+            from t2tedge.calibration.onnx_session import OnnxSession
 
-            onnx_logits = OnnxRuntimeRunner(job.dir / ONNX_FILE)(images)
+            onnx_logits = OnnxSession(job.dir / ONNX_FILE)(images)
             job.manifest.update(
                 {
                     "config": {
@@ -345,75 +342,19 @@ class Builder:
         name = ctx.loaded.spec.name
         if not availability.can_build:
             raise TargetUnavailableError(f"{target_name} cannot build here: {availability.reason}")
-        inputs = {
-            "stage": "compile",
-            "export": exported.manifest["hash"],
-            "target": target_name,
-            "precision": precision,
-            "tools": target.tool_versions(),
-            "t2tedge": t2tedge.__version__,
-            "rules": rules_digest(target_name),
-        }
         needs_calibration = target.needs_calibration(precision)
-        quant = self.recipe.quantization
-        # Target settings (e.g. OpenVINO's precision hint) matter for every precision, so they are
-        # always passed and hashed; the calibration set only where the precision is calibrated.
-        inputs["quantization"] = {**quant.for_target(target_name), "preprocess": ctx.loaded.preprocess.to_dict()}
-        inputs["model_hints"] = dataclasses.asdict(ctx.loaded.spec.quantization)  # they decide what stays float
         heldout = calib.heldout(self.recipe.calibration.heldout) if needs_calibration else None
-        if needs_calibration:
-            inputs["calibration"] = calib.key
-            inputs["heldout"] = heldout.key if heldout else None
+        quant = self.recipe.quantization
         tuning = self._tuning_set(heldout) if needs_calibration and quant.max_accuracy_drop is not None else None
-        if tuning is not None:
-            inputs["accuracy_control"] = {"split": "calibration.heldout", "key": heldout.key, "images": len(tuning)}
+        config = quant.for_target(target_name)  # the target's own Config, validated when the recipe loaded
+        inputs = self._compile_key(ctx, exported, target, precision, config, calib, heldout, tuning)
         started = time.perf_counter()
         with self.store.build(name, target_name, precision, inputs) as job:
             reused = job.done
             if not job.done:
-                build_inputs = BuildInputs(
-                    onnx_path=exported.file(ONNX_FILE),
-                    image_size=ctx.loaded.image_size,
-                    num_classes=ctx.loaded.num_classes,
-                    family=ctx.loaded.spec.family,
-                    config=inputs["quantization"],
-                    torch_model=ctx.loaded.model,
-                    hints=ctx.loaded.spec.quantization,
-                )
-                if needs_calibration:
-                    build_inputs.calibration = calib.images
-                    build_inputs.heldout = heldout.images if heldout else None
-                    if heldout is not None:
-                        build_inputs.heldout_labels = heldout.dataset.labels[heldout.indices]
-                    if tuning is not None:
-                        # accuracy-aware search scores on the held-out split; the validation set is seen
-                        # only by the final measurement below
-                        build_inputs.heldout = heldout.images[tuning]
-                        build_inputs.heldout_labels = build_inputs.heldout_labels[tuning]
-                facts = target.build(build_inputs, precision, job.dir)
-                job.manifest.update(
-                    {
-                        "config": inputs,
-                        "build": facts,
-                        "model_io": {
-                            "family": ctx.loaded.spec.family,
-                            "image_size": ctx.loaded.image_size,
-                            "num_classes": ctx.loaded.num_classes,
-                            "classes": ctx.loaded.classes,
-                            "preprocess": ctx.loaded.preprocess.to_dict(),
-                        },
-                        "tools": target.tool_versions(),
-                        "host": host_info(),
-                    }
-                )
-                if needs_calibration:
-                    job.manifest["calibration"] = {
-                        **calib.describe(),
-                        "source": self.recipe.data.calibration,
-                        "heldout": heldout.describe() if heldout else None,
-                    }
-                    if tuning is not None:
-                        job.manifest["calibration"]["accuracy_tuned_on"] = inputs["accuracy_control"]
+                build_inputs = self._build_inputs(ctx, exported, calib if needs_calibration else None, heldout, tuning)
+                facts = target.build(build_inputs, precision, config, job.dir)
+                job.manifest.update(self._manifest_facts(ctx, target, inputs, facts, calib, heldout, tuning))
         artifact = job.artifact
         build_seconds = round(time.perf_counter() - started, 2)
         accuracy = stored_validation(artifact, val.key[:16])  # only this host's: precision defaults differ
@@ -429,6 +370,101 @@ class Builder:
         top1 = f"top-1 {accuracy['top1']:.2f}% ({accuracy['label']})" if "top1" in accuracy else accuracy["label"]
         log(f"  {target_name}/{precision}: {verb} {artifact.path}; {top1}")
         return BuildRow(name, target_name, precision, str(artifact.path), reused, accuracy, build_seconds)
+
+    def _compile_key(
+        self,
+        ctx: ModelContext,
+        exported: Artifact,
+        target: Any,
+        precision: str,
+        config: Any,
+        calib: CalibrationSet,
+        heldout: CalibrationSet | None,
+        tuning: np.ndarray | None,
+    ) -> dict[str, Any]:
+        """Everything that decides the artifact's files: its store key (and the manifest's ``config``)."""
+        inputs: dict[str, Any] = {
+            "stage": "compile",
+            "export": exported.manifest["hash"],
+            "target": target.name,
+            "precision": precision,
+            "tools": target.tool_versions(),
+            "t2tedge": t2tedge.__version__,
+            "rules": rules_digest(target.name),
+            # the target's settings matter for every precision (e.g. OpenVINO's precision hint)
+            "quantization": config.model_dump(mode="json"),
+            "preprocess": ctx.loaded.preprocess.to_dict(),
+            "model_hints": dataclasses.asdict(ctx.loaded.spec.quantization),  # they decide what stays float
+        }
+        if target.needs_calibration(precision):  # the calibration set only where the precision is calibrated
+            inputs["calibration"] = calib.key
+            inputs["heldout"] = heldout.key if heldout else None
+        if tuning is not None and heldout is not None:
+            inputs["accuracy_control"] = {"split": "calibration.heldout", "key": heldout.key, "images": len(tuning)}
+        return inputs
+
+    def _build_inputs(
+        self,
+        ctx: ModelContext,
+        exported: Artifact,
+        calib: CalibrationSet | None,
+        heldout: CalibrationSet | None,
+        tuning: np.ndarray | None,
+    ) -> BuildInputs:
+        """What the target's build reads; calibration and held-out images only where it calibrates."""
+        inputs = BuildInputs(
+            onnx_path=exported.file(ONNX_FILE),
+            image_size=ctx.loaded.image_size,
+            num_classes=ctx.loaded.num_classes,
+            torch_model=ctx.loaded.model,
+            export_form=graph_form(ctx.loaded.model),
+            hints=ctx.loaded.spec.quantization,
+            preprocess=ctx.loaded.preprocess.to_dict(),
+        )
+        if calib is None:
+            return inputs
+        inputs.calibration = calib.images
+        if heldout is not None:
+            labels = heldout.dataset.labels[heldout.indices]
+            # accuracy-aware search scores on (a class-balanced subset of) the held-out split; the
+            # validation set is seen only by the final measurement
+            chosen = tuning if tuning is not None else slice(None)
+            inputs.heldout, inputs.heldout_labels = heldout.images[chosen], labels[chosen]
+        return inputs
+
+    def _manifest_facts(
+        self,
+        ctx: ModelContext,
+        target: Any,
+        inputs: dict[str, Any],
+        facts: dict[str, Any],
+        calib: CalibrationSet,
+        heldout: CalibrationSet | None,
+        tuning: np.ndarray | None,
+    ) -> dict[str, Any]:
+        """The manifest sections of a fresh build besides what the store writes itself."""
+        manifest: dict[str, Any] = {
+            "config": inputs,
+            "build": facts,
+            "model_io": {
+                "family": ctx.loaded.spec.family,
+                "image_size": ctx.loaded.image_size,
+                "num_classes": ctx.loaded.num_classes,
+                "classes": ctx.loaded.classes,
+                "preprocess": ctx.loaded.preprocess.to_dict(),
+            },
+            "tools": target.tool_versions(),
+            "host": host_info(),
+        }
+        if "calibration" in inputs:
+            manifest["calibration"] = {
+                **calib.describe(),
+                "source": self.recipe.data.calibration,
+                "heldout": heldout.describe() if heldout else None,
+            }
+            if tuning is not None:
+                manifest["calibration"]["accuracy_tuned_on"] = inputs["accuracy_control"]
+        return manifest
 
     def _write_summary(self, rows: list[BuildRow]) -> Path:
         path = Path(self.recipe.output_dir) / f"{self.recipe.name}-summary.json"

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from t2tedge.evaluation.accuracy import agreement
+from t2tedge.models.spec import graph_form
 
 ONNX_FILE = "model.onnx"
 DEFAULT_OPSET = 18  # the torch.export-based exporter's lowest native opset; has LayerNormalization
@@ -30,8 +31,7 @@ def export_onnx(
     A model with an ``export_form()`` (T2T-ViT) is exported in that form: the same function in a graph
     that runtimes execute faster. The export stage checks the result against the model itself.
     """
-    if hasattr(model, "export_form"):
-        model = model.export_form()
+    model = graph_form(model) or model
     example = (torch.zeros(1, 3, image_size, image_size),)
     dynamic_shapes = ({0: torch.export.Dim("batch", min=1, max=1024)},) if dynamic_batch else None
     # The exporter narrates every step on stdout/logging; keep the CLI's output ours.

@@ -6,12 +6,13 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from t2tedge.errors import RecipeError
+from t2tedge.targets.base import TargetConfig
 
 BUNDLED_RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 
@@ -54,81 +55,43 @@ class CalibrationConfig(_Strict):
     )
 
 
-class IgnoredScope(_Strict):
-    names: list[str] = Field(default_factory=list, description="node names kept in higher precision")
-    types: list[str] = Field(default_factory=list, description="op types kept in higher precision")
-    patterns: list[str] = Field(default_factory=list, description="regexes over node names")
+class QuantizationConfig(TargetConfig):
+    """``quantization:``: the settings every target shares, and one section per target (``quantization.<target>``).
 
+    Each section is validated against that target's own ``Config`` when the recipe loads (an unknown
+    target or key is an error naming it); :meth:`for_target` returns the target's validated Config, its
+    shared keys taken from here unless the section sets them itself.
+    """
 
-class OpenVinoConfig(_Strict):
-    model_type: Literal["auto", "transformer", "cnn"] = Field(
-        "auto", description="NNCF model type; auto = transformer for T2T-ViT, default for CNNs"
-    )
-    preset: Literal["performance", "mixed"] = "performance"
-    smooth_quant_alpha: float | None = Field(
-        None, description="SmoothQuant alpha on MatMuls (transformer mode); None or -1: off, NNCF's own default is 0.95"
-    )
-    fast_bias_correction: bool = True
-    ignored_scope: IgnoredScope = IgnoredScope()
-    inference_precision: Literal["f32", "bf16", "f16"] | None = Field(
-        None,
-        description="CPU precision hint for fp16/int8 artifacts (fp32 always runs f32); None: plugin default",
-    )
+    model_config = ConfigDict(extra="allow", frozen=True)
 
+    @model_validator(mode="after")
+    def _target_sections(self) -> QuantizationConfig:
+        from t2tedge.targets import target_names
 
-class OnnxRuntimeQuantConfig(_Strict):
-    op_types: list[str] = Field(
-        default_factory=lambda: ["Conv", "MatMul", "Gemm"],
-        description="op types to quantize (LayerNorm/Softmax/Add hurt accuracy and speed)",
-    )
-    activation_type: Literal["uint8", "int8"] = Field("uint8", description="uint8 = U8S8, the fast form on x86")
-    per_channel: bool = True
-    exclude_nodes: list[str] = Field(default_factory=list, description="node names kept in FP32")
+        known = target_names()
+        for name, section in (self.model_extra or {}).items():
+            if name not in known:
+                raise ValueError(
+                    f"unknown key {name!r} (shared keys: {', '.join(self.SHARED)}; targets: {', '.join(known)})"
+                )
+            if section is not None and not isinstance(section, dict):
+                raise ValueError(f"{name} must be a mapping of that target's keys")
+            self.for_target(name)
+        return self
 
+    def for_target(self, target: str) -> TargetConfig:
+        """The target's Config: its own section over the shared keys; a bad value raises naming its key."""
+        from t2tedge.targets import get_target
 
-class TensorRtConfig(_Strict):
-    activation_matmuls: bool = Field(False, description="also put Q/DQ on attention MatMuls (off: hurts T2T accuracy)")
-    calibration_method: Literal["auto", "minmax", "percentile", "entropy"] | None = Field(
-        "auto",
-        description="auto: the method whose INT8 graph agrees best with FP32 on the held-out split, under the "
-        "FP16 emulator; null: quantization.method",
-    )
-    exclude_nodes: list[str] = Field(default_factory=list, description="node names kept in FP16")
-
-
-class CoreMlConfig(_Strict):
-    minimum_deployment_target: str = Field("iOS17", description="coremltools target, e.g. iOS17 or macOS14")
-    input_type: Literal["tensor", "image"] = "tensor"
-    compute_units: Literal["ALL", "CPU_ONLY", "CPU_AND_NE", "CPU_AND_GPU"] = Field(
-        "ALL", description="used where Core ML can run (macOS)"
-    )
-    soft_split: Literal["unfold", "gather"] = Field(
-        "unfold",
-        description="T2T-ViT soft splits: unfold (nn.Unfold, converted to one-hot convolutions the Neural Engine "
-        "runs) or gather (the model's export_form(): one row gather per split)",
-    )
-    float_modules: list[str] = Field(
-        default_factory=list,
-        description="w8a8: module-path glob patterns whose own ops stay float (FP16); modules inside them that "
-        "no pattern matches stay int8; empty: the model's own hint (ModelSpec.quantization.float_modules)",
-    )
-
-
-class QuantizationConfig(_Strict):
-    method: Literal["minmax", "percentile", "entropy"] = "minmax"
-    percentile: float = Field(99.999, gt=50, le=100)
-    max_accuracy_drop: float | None = Field(None, gt=0, description="top-1 points; enables accuracy-aware quantization")
-    accuracy_subset: int = Field(300, gt=0, description="validation images used by accuracy-aware quantization")
-    openvino: OpenVinoConfig = OpenVinoConfig()
-    onnxruntime: OnnxRuntimeQuantConfig = OnnxRuntimeQuantConfig()
-    tensorrt: TensorRtConfig = TensorRtConfig()
-    coreml: CoreMlConfig = CoreMlConfig()
-
-    def for_target(self, target: str) -> dict[str, Any]:
-        """The shared settings plus the target's own section, as one dict."""
-        shared = self.model_dump(exclude={"openvino", "onnxruntime", "tensorrt", "coreml"})
-        own = getattr(self, target, None)
-        return {**shared, **(own.model_dump() if isinstance(own, BaseModel) else {})}
+        own = (self.model_extra or {}).get(target) or {}
+        shared = {key: getattr(self, key) for key in self.SHARED}
+        try:
+            return get_target(target).Config.model_validate({**shared, **own})
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in (target, *first["loc"]))
+            raise ValueError(f"{where}: {first['msg']}") from None
 
 
 class BenchmarkConfig(_Strict):
@@ -216,5 +179,6 @@ def load_recipe(
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "recipe"
+        message = first["msg"].removeprefix("Value error, ")
         more = f" (+{exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
-        raise RecipeError(f"{path}: {where}: {first['msg']}{more}") from None
+        raise RecipeError(f"{path}: {where}: {message}{more}") from None

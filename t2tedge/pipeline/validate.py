@@ -17,7 +17,7 @@ from t2tedge.evaluation.accuracy import MEASURED, accuracy_report, run_batched, 
 from t2tedge.evaluation.host import host_label
 from t2tedge.models.spec import Preprocess
 from t2tedge.pipeline.store import Artifact, read_manifest
-from t2tedge.targets import Target, get_target
+from t2tedge.targets import Target, get_target, load_verified
 
 
 def run_validation(
@@ -32,10 +32,11 @@ def run_validation(
     availability = target.availability()
     if not (availability.can_run or availability.can_emulate):
         return unavailable(availability.reason)
-    runner = target.load(artifact, threads=threads)
-    label = getattr(runner, "label", MEASURED)
-    note = getattr(runner, "emulation", "") if label != MEASURED else ""
-    return accuracy_report(run_batched(runner, images), labels, label, reference, note=note)
+    runner = load_verified(target, artifact, threads)
+    note = (runner.emulation or "") if runner.label != MEASURED else ""
+    result = accuracy_report(run_batched(runner, images), labels, runner.label, reference, note=note)
+    result["runtime"] = dict(runner.runtime_facts)
+    return result
 
 
 def stored_validation(artifact: Artifact, key: str) -> dict[str, Any] | None:

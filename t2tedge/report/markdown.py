@@ -97,7 +97,7 @@ def target_notes(data: ReportData, target: str) -> list[str]:
 
 
 def _precision(row: Row) -> str:
-    used = row.runtime.get("inference_precision")
+    used = row.runtime.get("inference_precision_used")
     return f"{row.precision} (runs {used})" if used and used not in row.precision else row.precision
 
 

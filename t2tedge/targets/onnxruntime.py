@@ -2,55 +2,51 @@
 
 from __future__ import annotations
 
-import ast
-import contextlib
-import json
 import shutil
-import tempfile
-import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-import numpy as np
+from pydantic import Field
 
+from t2tedge.artifact import Artifact
 from t2tedge.errors import T2tedgeError
-from t2tedge.evaluation.accuracy import topk_accuracy
-from t2tedge.pipeline.store import Artifact
-from t2tedge.progress import log, track
-from t2tedge.targets.base import Availability, BuildInputs, register_target
+from t2tedge.targets.base import Availability, BuildInputs, Capabilities, DeviceRunner, TargetConfig, register_target
 
 MODEL_FILE = "model.onnx"
-SENSITIVITY_JSON = "sensitivity.json"
-SENSITIVITY_MD = "sensitivity.md"
-# Per-node sensitivity is judged by logit error, which ranks nodes well on a few images; the search for
-# how many nodes to keep FP32 uses the whole accuracy subset.
-SENSITIVITY_IMAGES = 64
 
 
-class OnnxRuntimeRunner:
-    """An onnxruntime CPU session; feeds a fixed-batch model one image at a time."""
+class OnnxRuntimeConfig(TargetConfig):
+    """`quantization.onnxruntime`: which ops get Q/DQ and in which form."""
 
-    def __init__(self, model: Path | bytes, threads: int | None = None) -> None:
-        import onnxruntime as ort
+    op_types: list[str] = Field(
+        default_factory=lambda: ["Conv", "MatMul", "Gemm"],
+        description="op types to quantize (LayerNorm/Softmax/Add hurt accuracy and speed)",
+    )
+    activation_type: Literal["uint8", "int8"] = Field("uint8", description="uint8 = U8S8, the fast form on x86")
+    per_channel: bool = True
+    exclude_nodes: list[str] = Field(default_factory=list, description="node names kept in FP32")
 
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        source = model if isinstance(model, bytes) else str(model)
-        self.session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
-        inp = self.session.get_inputs()[0]
-        self.input_name = inp.name
-        self.fixed_batch = inp.shape[0] if isinstance(inp.shape[0], int) else None
 
-    def __call__(self, images: np.ndarray) -> np.ndarray:
-        images = np.ascontiguousarray(images, dtype=np.float32)
-        if self.fixed_batch is None or images.shape[0] == self.fixed_batch:
-            return self.session.run(None, {self.input_name: images})[0]
-        step = self.fixed_batch
-        return np.concatenate(
-            [self.session.run(None, {self.input_name: images[i : i + step]})[0] for i in range(0, len(images), step)]
-        )
+def device_load(kit, directory, request):  # noqa: ANN001, ANN201  (shipped to devices by source: Python 3.8)
+    """An onnxruntime CPU session over ``model.onnx``: here and on SSH devices alike."""
+    import os
+
+    ort = kit.import_runtime("onnxruntime")
+    threads = request.get("threads")
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = int(threads)
+    options.inter_op_num_threads = 1
+    session = ort.InferenceSession(os.path.join(directory, "model.onnx"), options, providers=["CPUExecutionProvider"])
+    inp = session.get_inputs()[0]
+    facts = {
+        "runtime": "onnxruntime",
+        "version": ort.__version__,
+        "providers": session.get_providers(),
+        "threads": int(threads) if threads else "runtime default",
+    }
+    shape = [kit.static(d) for d in inp.shape]
+    return kit.Model(lambda x: session.run(None, {inp.name: x})[0], shape[0], shape[1:], facts)
 
 
 class OnnxRuntimeTarget:
@@ -58,7 +54,13 @@ class OnnxRuntimeTarget:
 
     name = "onnxruntime"
     precisions = ("fp32", "int8")
-    payload = ("model.onnx",)
+    Config = OnnxRuntimeConfig
+    capabilities = Capabilities(
+        payload=(MODEL_FILE,),
+        device_runtime="onnxruntime",
+        device_loader=device_load,
+        peaks={"fp32": "onnxruntime/fp32", "int8": "onnxruntime/int8"},
+    )
 
     def availability(self) -> Availability:
         try:
@@ -76,249 +78,44 @@ class OnnxRuntimeTarget:
 
         return {"onnxruntime": onnxruntime.__version__, "onnx": onnx.__version__}
 
-    def build(self, inputs: BuildInputs, precision: str, out_dir: Path) -> dict[str, Any]:
+    def build(self, inputs: BuildInputs, precision: str, config: OnnxRuntimeConfig, out_dir: Path) -> dict[str, Any]:
         if precision == "int8":
-            return build_int8(inputs, out_dir)
+            return build_int8(inputs, config, out_dir)
         shutil.copyfile(inputs.onnx_path, out_dir / MODEL_FILE)
         return {"providers": ["CPUExecutionProvider"]}
 
-    def load(self, artifact: Artifact, threads: int | None = None) -> OnnxRuntimeRunner:
-        return OnnxRuntimeRunner(artifact.file(MODEL_FILE), threads)
+    def load(self, artifact: Artifact, threads: int | None = None) -> DeviceRunner:
+        from t2tedge.devices import remote_runner
+
+        request = {"threads": threads, "build": artifact.manifest.get("build", {})}
+        return DeviceRunner(device_load(remote_runner, str(artifact.path), request))
 
 
-def build_int8(inputs: BuildInputs, out_dir: Path) -> dict[str, Any]:
-    """ONNX Runtime's QDQ graph (U8S8 by default) from the recipe's settings."""
+def qdq_settings(config: OnnxRuntimeConfig) -> Any:
+    """ONNX Runtime's Q/DQ settings: U8S8 by default (asymmetric uint8 activations, int8 weights)."""
     from t2tedge.calibration.onnx_qdq import QdqSettings
 
     try:
-        settings = QdqSettings.from_config(inputs.config)
+        return QdqSettings(
+            method=config.method,
+            percentile=config.percentile,
+            op_types=tuple(config.op_types),
+            activation_type=config.activation_type,
+            per_channel=config.per_channel,
+            nodes_to_exclude=tuple(config.exclude_nodes),
+        )
     except ValueError as exc:
         raise T2tedgeError(f"onnxruntime int8: {exc}") from None
-    facts = quantize_with_budget(inputs, settings, out_dir / MODEL_FILE, out_dir, "onnxruntime/int8")
-    return {"providers": ["CPUExecutionProvider"], **facts}
 
 
-def quantize_with_budget(
-    inputs: BuildInputs, settings: Any, model_path: Path, out_dir: Path, what: str
-) -> dict[str, Any]:
-    """Calibrate, write the QDQ graph and, with ``max_accuracy_drop`` set, keep the most sensitive nodes FP32.
+def build_int8(inputs: BuildInputs, config: OnnxRuntimeConfig, out_dir: Path) -> dict[str, Any]:
+    """ONNX Runtime's QDQ graph from the recipe's settings, within the accuracy budget when one is set."""
+    from t2tedge.calibration.accuracy_aware import quantize_with_budget
 
-    Shared by every target whose artifact is a Q/DQ ONNX graph (onnxruntime, tensorrt).
-    """
-    from t2tedge.calibration.onnx_qdq import calibrate
-
-    if inputs.calibration is None or len(inputs.calibration) == 0:
-        raise T2tedgeError(f"{what} needs calibration images")
-    with tempfile.TemporaryDirectory(prefix="t2tedge-qdq-") as tmp:
-        log(f"  {what}: calibrating on {len(inputs.calibration)} images ({settings.method})")
-        calibrated = calibrate(inputs.onnx_path, inputs.calibration, settings, Path(tmp) / "calibrated")
-        structure = calibrated.quantize(model_path)
-        facts: dict[str, Any] = dict(calibrated.facts)
-        budget = inputs.config.get("max_accuracy_drop")
-        if budget is not None:
-            search = AccuracyAwareSearch(calibrated, inputs, float(budget), Path(tmp) / "trials")
-            facts["accuracy_aware"] = search.run(model_path, out_dir)
-            structure = facts["accuracy_aware"].pop("structure")
-    return {**facts, **structure}
-
-
-HELDOUT = "calibration.heldout"
-
-
-def tuning_set(inputs: BuildInputs, what: str) -> tuple[np.ndarray, np.ndarray, str]:
-    """The labelled images accuracy-aware quantization scores on, and where they come from.
-
-    The held-out split of the calibration source (the pipeline passes nothing else: the validation set
-    is seen only by the final measurement). ``validation_images`` serve direct callers that pass them.
-    """
-    if inputs.heldout is not None and inputs.heldout_labels is not None and len(inputs.heldout):
-        return inputs.heldout, np.asarray(inputs.heldout_labels), HELDOUT
-    if inputs.validation_images is not None and inputs.validation_labels is not None:
-        return inputs.validation_images, np.asarray(inputs.validation_labels), "validation_images"
-    raise T2tedgeError(
-        f"{what}: accuracy-aware quantization (max_accuracy_drop) needs labelled held-out images "
-        "(calibration.heldout > 0, from a labelled calibration source)"
+    facts = quantize_with_budget(
+        inputs, qdq_settings(config), out_dir / MODEL_FILE, out_dir, "onnxruntime/int8", config.max_accuracy_drop
     )
-
-
-class AccuracyAwareSearch:
-    """Keeps the quantized nodes that cost most accuracy in FP32 until the top-1 drop is within budget.
-
-    Sensitivity of a node = the logit error (vs the FP32 model) with that node alone reading float inputs
-    and weights, on the calibrated ranges of the full quantization (no re-calibration, no re-quantization
-    of weights: see :func:`with_fp32_nodes`). Nodes are ranked by how much they lower the error; the
-    smallest prefix of the ranking that meets the budget on all images is found by doubling then
-    bisecting. The final model is quantized again with that prefix excluded and measured once more.
-    """
-
-    def __init__(self, calibrated: Any, inputs: BuildInputs, budget: float, work_dir: Path) -> None:
-        import onnx
-
-        self.calibrated = calibrated
-        self.images, self.labels, self.tuned_on = tuning_set(inputs, "onnxruntime/int8")
-        self.budget = budget
-        self.work_dir = work_dir
-        work_dir.mkdir(parents=True, exist_ok=True)
-        self.float_model = onnx.load(calibrated.model_path)
-        self.reference = OnnxRuntimeRunner(inputs.onnx_path)(self.images)
-        self.fp32_top1 = topk_accuracy(self.reference, self.labels, 1)
-        self.scopes = _node_scopes(inputs.onnx_path)
-        self.trials = 0
-
-    def run(self, model_path: Path, out_dir: Path) -> dict[str, Any]:
-        import onnx
-
-        started = time.perf_counter()
-        int8 = self._score(onnx.load(model_path))
-        candidates = self.calibrated.candidates()
-        nodes: list[dict[str, Any]] = []
-        steps: list[dict[str, Any]] = [{"kept_fp32": 0, "top1": int8["top1"]}]
-        chosen: list[str] = []
-        if self.fp32_top1 - int8["top1"] > self.budget:
-            trial_base = self.work_dir / "trial_base.onnx"
-            self.calibrated.quantize(trial_base, keep_removable_activations=True)
-            quantized = onnx.load(trial_base)
-            nodes = self._sensitivity(candidates, quantized)
-            ranked = [n["node"] for n in nodes]
-            chosen = ranked[: self._smallest_prefix(quantized, ranked, steps)]
-        structure = self.calibrated.quantize(model_path, keep_fp32=chosen)
-        final = self._score(onnx.load(model_path)) if chosen else int8
-        for entry in nodes:
-            entry["kept_fp32"] = entry["node"] in chosen
-        drop = self.fp32_top1 - final["top1"]
-        summary = {
-            "max_accuracy_drop": self.budget,
-            "tuned_on": self.tuned_on,
-            "images": int(len(self.labels)),
-            "sensitivity_images": int(min(SENSITIVITY_IMAGES, len(self.labels))),
-            "fp32_top1": self.fp32_top1,
-            "int8_top1_all_quantized": int8["top1"],
-            "int8_top1": final["top1"],
-            "accuracy_drop": round(drop, 4),
-            "met": drop <= self.budget,
-            "candidates": len(candidates),
-            "nodes_kept_fp32": chosen,
-            "search": steps,
-            "trials": self.trials,
-            "seconds": round(time.perf_counter() - started, 2),
-        }
-        _write_json(out_dir / SENSITIVITY_JSON, {**summary, "nodes": nodes})
-        (out_dir / SENSITIVITY_MD).write_text(_sensitivity_markdown(summary, nodes))
-        verdict = "met" if summary["met"] else "NOT met"
-        log(
-            f"  onnxruntime/int8: top-1 drop {drop:.2f} (budget {self.budget}) {verdict}; "
-            f"{len(chosen)} of {len(candidates)} nodes kept FP32"
-        )
-        return {**summary, "structure": structure}
-
-    def _score(self, model: Any, count: int | None = None) -> dict[str, float]:
-        """Top-1 and logit mean squared error (vs FP32) of a model on the first ``count`` images (all)."""
-        self.trials += 1
-        images, labels, reference = self.images[:count], self.labels[:count], self.reference[:count]
-        logits = OnnxRuntimeRunner(model.SerializeToString())(images)
-        finite = np.isfinite(reference).all(1) & np.isfinite(logits).all(1)
-        error = float(np.mean((logits[finite] - reference[finite]) ** 2)) if finite.any() else float("inf")
-        return {"top1": topk_accuracy(logits, labels, 1), "logit_mse": error}
-
-    def _trial(self, quantized: Any, keep_fp32: list[str], count: int | None = None) -> dict[str, float]:
-        from t2tedge.calibration.onnx_qdq import with_fp32_nodes
-
-        model = with_fp32_nodes(quantized, self.float_model, keep_fp32, self.calibrated.settings.op_types)
-        return self._score(model, count)
-
-    def _sensitivity(self, candidates: list[Any], quantized: Any) -> list[dict[str, Any]]:
-        subset = min(SENSITIVITY_IMAGES, len(self.labels))
-        base = self._score(quantized, subset)
-        nodes = []
-        for node in track(candidates, "sensitivity", total=len(candidates)):
-            score = self._trial(quantized, [node.name], subset)
-            nodes.append(
-                {
-                    "node": node.name,
-                    "op_type": node.op_type,
-                    "scope": self.scopes.get(node.name.split("/")[0], ""),
-                    "top1_subset": score["top1"],
-                    "top1_gain": round(score["top1"] - base["top1"], 4),
-                    "logit_mse": score["logit_mse"],
-                    "logit_mse_reduction": base["logit_mse"] - score["logit_mse"],
-                }
-            )
-        nodes.sort(key=lambda n: (-n["logit_mse_reduction"], -n["top1_gain"]))
-        return nodes
-
-    def _smallest_prefix(self, quantized: Any, ranked: list[str], steps: list[dict[str, Any]]) -> int:
-        """Fewest top-ranked nodes kept FP32 that meet the budget (all of them if none does)."""
-        if not ranked:
-            return 0
-        meets_cache: dict[int, bool] = {}
-
-        def meets(count: int) -> bool:
-            if count not in meets_cache:
-                score = self._trial(quantized, ranked[:count])
-                steps.append({"kept_fp32": count, "top1": score["top1"]})
-                meets_cache[count] = self.fp32_top1 - score["top1"] <= self.budget
-            return meets_cache[count]
-
-        low, high = 0, 1  # low fails (the all-quantized model did); find a high that meets
-        while high < len(ranked) and not meets(high):
-            low, high = high, min(2 * high, len(ranked))
-        if high == len(ranked) and not meets(high):
-            return high
-        while high - low > 1:
-            middle = (low + high) // 2
-            if meets(middle):
-                high = middle
-            else:
-                low = middle
-        return high
-
-
-def _node_scopes(onnx_path: Path) -> dict[str, str]:
-    """Node name -> PyTorch module path, from the exporter's metadata (empty where it has none)."""
-    import onnx
-
-    scopes = {}
-    for node in onnx.load(onnx_path, load_external_data=False).graph.node:
-        for prop in node.metadata_props:
-            if prop.key == "pkg.torch.onnx.name_scopes":  # e.g. "['', 'blocks.0', 'blocks.0.attn', 'linear']"
-                with contextlib.suppress(ValueError, SyntaxError):
-                    modules = [m for m in ast.literal_eval(prop.value)[:-1] if m]
-                    scopes[node.name] = modules[-1] if modules else ""
-    return scopes
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    path.write_text(json.dumps(data, indent=2) + "\n")
-
-
-def _sensitivity_markdown(summary: dict[str, Any], nodes: list[dict[str, Any]]) -> str:
-    verdict = "met" if summary["met"] else "not met (every candidate kept FP32)"
-    lines = [
-        "# INT8 sensitivity (onnxruntime)",
-        "",
-        f"FP32 top-1 {summary['fp32_top1']:.2f} %, all-INT8 top-1 {summary['int8_top1_all_quantized']:.2f} %, "
-        f"final top-1 {summary['int8_top1']:.2f} % on {summary['images']} images "
-        f"({summary.get('tuned_on', 'validation_images')}): drop "
-        f"{summary['accuracy_drop']:.2f} points, budget {summary['max_accuracy_drop']} — {verdict}.",
-        f"{len(summary['nodes_kept_fp32'])} of {summary['candidates']} quantized nodes kept FP32.",
-        "",
-    ]
-    if not nodes:
-        lines.append("The fully quantized model was within budget; no per-node analysis was needed.")
-        return "\n".join(lines) + "\n"
-    lines += [
-        f"Per node: the node alone kept FP32, on {summary['sensitivity_images']} images; ranked by how much "
-        "that lowers the logit mean squared error against the FP32 model.",
-        "",
-        "| rank | node | op | module | top-1 gain | logit MSE | MSE reduction | kept FP32 |",
-        "|---:|---|---|---|---:|---:|---:|:---:|",
-    ]
-    for rank, n in enumerate(nodes, 1):
-        lines.append(
-            f"| {rank} | `{n['node']}` | {n['op_type']} | {n['scope'] or '-'} | {n['top1_gain']:+.2f} | "
-            f"{n['logit_mse']:.4g} | {n['logit_mse_reduction']:+.4g} | {'yes' if n['kept_fp32'] else ''} |"
-        )
-    return "\n".join(lines) + "\n"
+    return {"providers": ["CPUExecutionProvider"], **facts}
 
 
 register_target(OnnxRuntimeTarget())

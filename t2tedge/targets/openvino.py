@@ -10,17 +10,18 @@ INT8 choices for T2T-ViT. Measured at 224 px, batch 1, on 2-core KVM guests: an 
 + BF16) and an Intel Xeon with AMX (int8 and bf16 matrix units), ``benchmarks/openvino_int8.py``:
 - ``ModelType.TRANSFORMER``: NNCF quantizes only MatMul inputs; softmax, LayerNorm, GELU and residual
   adds stay in floating point (bf16 on these CPUs). NNCF's default mode quantizes those too (123
-  FakeQuantize ops on t2t_vit_7 instead of 38) and on a trained model's activations it is far off FP32
+  FakeQuantize ops on T2T-ViT-7 instead of 38) and on a trained model's activations it is far off FP32
   (top-1 agreement 71 % vs 96 %, demo weights at 224 px) at about the same speed.
-- Attention products stay out of INT8 (``_float_attention_ops``): the Performer kernel of the
-  ``t2t_vit_*`` token layers (its operands span orders of magnitude: per-tensor int8 zeroes the small
-  features and can zero the normaliser D) and the backbone blocks' q.k^T / attn.v (197 tokens, 12 % of
-  t2t_vit_7's MACs in small per-head products, where quantizing q, k, v and the softmax output cost
-  more than int8 saved: 1-thread CPU time -6 % with them in bf16, SmoothQuant off in both, one run).
-  What is left int8 is exactly the Linear layers: one FakeQuantize per Linear input. The token
-  transformer's 3136-token attention (``t2t_vit_t_*``, ~20 % of the MACs) stays int8.
+- Attention products stay out of INT8 (``_float_matmuls``, over the modules the model's hints name
+  in ``float_matmul_modules``): the Performer kernel of the token layers (its operands span orders
+  of magnitude: per-tensor int8 zeroes the small features and can zero the normaliser D) and the
+  backbone blocks' q.k^T / attn.v (197 tokens, 12 % of T2T-ViT-7's MACs in small per-head products,
+  where quantizing q, k, v and the softmax output cost more than int8 saved: 1-thread CPU time -6 %
+  with them in bf16, SmoothQuant off in both, one run). What is left int8 is exactly the Linear
+  layers: one FakeQuantize per Linear input. The token transformer's 3136-token attention
+  (T2T-ViT_t, ~20 % of the MACs) stays int8.
 - SmoothQuant is off by default (NNCF's transformer default is alpha 0.95): its per-channel scales
-  are extra executed nodes (27 on t2t_vit_7 with random weights); on the AMX host, with them and the
+  are extra executed nodes (27 on T2T-ViT-7 with random weights); on the AMX host, with them and the
   attention in int8, our build was only level with plain ``nncf.quantize``, and turning SmoothQuant
   off cut 1-thread CPU time by 7-12 % in two runs. On the demo T2T-ViT-7 it changed nothing that
   matters (48 px, 3,000 test images: top-1 86.70 % off, 86.73 % on, FP32 86.70 %).
@@ -39,21 +40,29 @@ previous defaults; neither change has been measured there.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
 
+from t2tedge.artifact import Artifact, write_json
 from t2tedge.errors import T2tedgeError
 from t2tedge.evaluation.accuracy import topk_accuracy
-from t2tedge.pipeline.store import Artifact, write_json
 from t2tedge.progress import log
-from t2tedge.targets.base import Availability, BuildInputs, check_precision, register_target
+from t2tedge.targets.base import (
+    Availability,
+    BuildInputs,
+    Capabilities,
+    DeviceRunner,
+    TargetConfig,
+    check_precision,
+    register_target,
+)
 
 MODEL_XML = "model.xml"
 MODEL_BIN = "model.bin"
@@ -73,9 +82,65 @@ def compile_properties(precision_hint: str | None, threads: int | None) -> dict[
     return properties
 
 
-def requested_hint(precision: str, config: dict[str, Any]) -> str | None:
+class IgnoredScope(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    names: list[str] = Field(default_factory=list, description="node names kept in higher precision")
+    types: list[str] = Field(default_factory=list, description="op types kept in higher precision")
+    patterns: list[str] = Field(default_factory=list, description="regexes over node names")
+
+
+class OpenVinoConfig(TargetConfig):
+    """`quantization.openvino`: NNCF's settings and the CPU plugin's precision hint."""
+
+    model_type: Literal["auto", "transformer", "cnn"] = Field(
+        "auto", description="NNCF model type; auto = the model's hint (transformer for T2T-ViT, default for CNNs)"
+    )
+    preset: Literal["performance", "mixed"] = "performance"
+    smooth_quant_alpha: float | None = Field(
+        None, description="SmoothQuant alpha on MatMuls (transformer mode); None or -1: off, NNCF's own default is 0.95"
+    )
+    fast_bias_correction: bool = True
+    ignored_scope: IgnoredScope = IgnoredScope()
+    inference_precision: Literal["f32", "bf16", "f16"] | None = Field(
+        None,
+        description="CPU precision hint for fp16/int8 artifacts (fp32 always runs f32); None: plugin default",
+    )
+
+
+def requested_hint(precision: str, config: OpenVinoConfig) -> str | None:
     """FP32 always runs f32; FP16/INT8 take the configured hint, None meaning the plugin default."""
-    return "f32" if precision == "fp32" else config.get("inference_precision")
+    return "f32" if precision == "fp32" else config.inference_precision
+
+
+def device_load(kit, directory, request):  # noqa: ANN001, ANN201  (shipped to devices by source: Python 3.8)
+    """The IR compiled for the CPU plugin with the artifact's precision hint: here and on SSH devices alike."""
+    import json
+    import os
+
+    ov = kit.import_runtime("openvino")
+    with open(os.path.join(directory, "compile.json")) as fh:
+        hint = json.load(fh).get("INFERENCE_PRECISION_HINT")
+    properties = {"PERFORMANCE_HINT": "LATENCY"}
+    if hint:
+        properties["INFERENCE_PRECISION_HINT"] = hint
+    if request.get("threads"):
+        properties["INFERENCE_NUM_THREADS"] = int(request["threads"])
+    core = ov.Core()
+    compiled = core.compile_model(core.read_model(os.path.join(directory, "model.xml")), "CPU", properties)
+    infer = compiled.create_infer_request()
+    dims = [d.get_length() if d.is_static else None for d in compiled.input(0).get_partial_shape()]
+    facts = {
+        "runtime": "openvino",
+        "version": ov.get_version(),
+        "device": "CPU",
+        "inference_precision_hint": hint or "plugin default",
+        # what the plugin actually runs in (bf16 by default on CPUs with AVX-512 BF16 or AMX)
+        "inference_precision_used": compiled.get_property("INFERENCE_PRECISION_HINT").to_string(),
+        "threads": int(compiled.get_property("INFERENCE_NUM_THREADS")),
+    }
+    # infer() copies outputs out of the request, so reusing one request is safe
+    return kit.Model(lambda x: infer.infer({0: x})[0], dims[0], dims[1:], facts)
 
 
 class OpenVinoRunner:
@@ -110,25 +175,22 @@ class OpenVinoRunner:
         return np.concatenate([self._run(images[i : i + step]) for i in range(0, len(images), step)])
 
 
-def openvino_gemm_runners(fp32: Path, int8: Path, threads: int | None = None) -> dict[str, OpenVinoRunner]:
-    """Peak-GEMM runners: the FP32 graph at each float precision the CPU plugin offers, the QDQ graph as INT8."""
-    import openvino as ov
-
-    capabilities = set(ov.Core().get_property(DEVICE, "OPTIMIZATION_CAPABILITIES"))
-    runners = {"openvino/f32": OpenVinoRunner(fp32, "f32", threads)}
-    for capability, hint in (("BF16", "bf16"), ("FP16", "f16")):
-        if capability in capabilities:
-            runners[f"openvino/{hint}"] = OpenVinoRunner(fp32, hint, threads)
-    runners["openvino/int8"] = OpenVinoRunner(int8, None, threads)
-    return runners
-
-
 class OpenVinoTarget:
     """OpenVINO IR for the CPU plugin: fp32, fp16 (compressed weights) and int8 (NNCF)."""
 
     name = "openvino"
     precisions = ("fp32", "fp16", "int8")
-    payload = ("model.xml", "model.bin", COMPILE_FILE)
+    Config = OpenVinoConfig
+    capabilities = Capabilities(
+        payload=(MODEL_XML, MODEL_BIN, COMPILE_FILE),
+        device_runtime="openvino",
+        device_loader=device_load,
+        peaks={
+            "fp32": "openvino/{inference_precision_used}",
+            "fp16": "openvino/{inference_precision_used}",
+            "int8": "openvino/int8",
+        },
+    )
 
     def availability(self) -> Availability:
         try:
@@ -152,17 +214,17 @@ class OpenVinoTarget:
             pass
         return versions
 
-    def build(self, inputs: BuildInputs, precision: str, out_dir: Path) -> dict[str, Any]:
+    def build(self, inputs: BuildInputs, precision: str, config: OpenVinoConfig, out_dir: Path) -> dict[str, Any]:
         import openvino as ov
 
         check_precision(self, precision)
         model = ov.convert_model(str(inputs.onnx_path))
         facts: dict[str, Any] = {"device": DEVICE}
         if precision == "int8":
-            model, facts["quantization"] = quantize(model, inputs, out_dir)
+            model, facts["quantization"] = quantize(model, inputs, config, out_dir)
             facts["fake_quantize_ops"] = count_ops(model, "FakeQuantize")
         ov.save_model(model, out_dir / MODEL_XML, compress_to_fp16=precision == "fp16")
-        hint = requested_hint(precision, inputs.config)
+        hint = requested_hint(precision, config)
         write_json(out_dir / COMPILE_FILE, {"precision": precision, "INFERENCE_PRECISION_HINT": hint})
         runner = OpenVinoRunner(out_dir / MODEL_XML, hint)
         facts.update(
@@ -176,9 +238,11 @@ class OpenVinoTarget:
         )
         return facts
 
-    def load(self, artifact: Artifact, threads: int | None = None) -> OpenVinoRunner:
-        settings = json.loads(artifact.file(COMPILE_FILE).read_text())
-        return OpenVinoRunner(artifact.file(MODEL_XML), settings["INFERENCE_PRECISION_HINT"], threads)
+    def load(self, artifact: Artifact, threads: int | None = None) -> DeviceRunner:
+        from t2tedge.devices import remote_runner
+
+        request = {"threads": threads, "build": artifact.manifest.get("build", {})}
+        return DeviceRunner(device_load(remote_runner, str(artifact.path), request))
 
 
 def count_ops(model: Any, op_type: str) -> int:
@@ -188,44 +252,30 @@ def count_ops(model: Any, op_type: str) -> int:
 # ---- INT8 -------------------------------------------------------------------------------------------
 
 
-def quantization_settings(inputs: BuildInputs, model: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+def quantization_settings(
+    inputs: BuildInputs, config: OpenVinoConfig, model: Any
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """The keyword arguments for nncf.quantize and a JSON-able record of them for the manifest."""
     import nncf
     from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, AdvancedSmoothQuantParameters
-    from nncf.quantization.range_estimator import (
-        AggregatorType,
-        RangeEstimatorParameters,
-        StatisticsCollectorParameters,
-        StatisticsType,
-    )
 
-    cfg = inputs.config
-    model_type = cfg.get("model_type", "auto")
-    transformer = model_type == "transformer" or (model_type == "auto" and inputs.family == "t2t_vit")
-    scope = cfg.get("ignored_scope") or {}
-    auto_names = _float_attention_ops(inputs.onnx_path, model) if inputs.family == "t2t_vit" else []
-    names = sorted(set(scope.get("names", [])) | set(auto_names))
-    types, patterns = list(scope.get("types", [])), list(scope.get("patterns", []))
+    model_type = config.model_type
+    transformer = model_type == "transformer" or (model_type == "auto" and inputs.hints.model_type == "transformer")
+    scope = config.ignored_scope
+    auto_names = _float_matmuls(inputs.onnx_path, model, inputs.hints.float_matmul_modules)
+    names = sorted(set(scope.names) | set(auto_names))
+    types, patterns = list(scope.types), list(scope.patterns)
 
-    advanced: dict[str, Any] = {}
-    method = cfg.get("method", "minmax")
-    if method == "percentile":
-        outlier = 1.0 - float(cfg.get("percentile", 99.999)) / 100.0
-        quantile = StatisticsCollectorParameters(
-            statistics_type=StatisticsType.QUANTILE, aggregator_type=AggregatorType.MEAN, quantile_outlier_prob=outlier
-        )
-        advanced["activations_range_estimator_params"] = RangeEstimatorParameters(min=quantile, max=quantile)
-        ranges = f"mean over images of the {100 * outlier:g}% / {100 - 100 * outlier:g}% quantiles"
-    else:
-        ranges = "NNCF default: mean over images of per-image min/max"
+    method = config.method
+    advanced, ranges = _activation_ranges(config)
     # t2tedge's default is SmoothQuant off (NNCF's transformer default is 0.95): see the module docstring
-    alpha = cfg.get("smooth_quant_alpha")
+    alpha = config.smooth_quant_alpha
     alpha = -1.0 if alpha is None or alpha < 0 else float(alpha)
     advanced["smooth_quant_alphas"] = AdvancedSmoothQuantParameters(matmul=alpha)
 
     kwargs: dict[str, Any] = {
-        "preset": nncf.QuantizationPreset(cfg.get("preset", "performance")),
-        "fast_bias_correction": bool(cfg.get("fast_bias_correction", True)),
+        "preset": nncf.QuantizationPreset(config.preset),
+        "fast_bias_correction": config.fast_bias_correction,
         "model_type": nncf.ModelType.TRANSFORMER if transformer else None,
         "subset_size": len(inputs.calibration),
     }
@@ -244,47 +294,83 @@ def quantization_settings(inputs: BuildInputs, model: Any) -> tuple[dict[str, An
         "smooth_quant_alpha": alpha if alpha >= 0 and transformer else "off",
         "subset_size": kwargs["subset_size"],
         "ignored_scope": {"names": names, "types": types, "patterns": patterns},
-        "ignored_automatically": {"names": auto_names, "why": FLOAT_ATTENTION_WHY} if auto_names else {},
+        "ignored_automatically": {"names": auto_names, "why": FLOAT_MATMUL_WHY} if auto_names else {},
     }
     if method not in ("minmax", "percentile"):
         record["note"] = f"NNCF offers no {method!r} calibration for OpenVINO; used its min/max default"
     return kwargs, record
 
 
-# T2T-ViT modules whose own MatMuls (not their Linear layers) stay out of INT8; see the module docstring.
-FLOAT_ATTENTION_MODULES = ("TokenPerformer", "Attention")
-FLOAT_ATTENTION_WHY = "Performer kernel of the T2T token layers and the backbone's q.k^T / attn.v products"
+def _activation_ranges(config: OpenVinoConfig) -> tuple[dict[str, Any], str]:
+    """NNCF's activation range estimator for the recipe's method, and how the manifest describes it."""
+    from nncf.quantization.range_estimator import (
+        AggregatorType,
+        RangeEstimatorParameters,
+        StatisticsCollectorParameters,
+        StatisticsType,
+    )
+
+    if config.method != "percentile":
+        return {}, "NNCF default: mean over images of per-image min/max"
+    outlier = 1.0 - config.percentile / 100.0
+    quantile = StatisticsCollectorParameters(
+        statistics_type=StatisticsType.QUANTILE, aggregator_type=AggregatorType.MEAN, quantile_outlier_prob=outlier
+    )
+    estimator = RangeEstimatorParameters(min=quantile, max=quantile)
+    return {"activations_range_estimator_params": estimator}, (
+        f"mean over images of the {100 * outlier:g}% / {100 - 100 * outlier:g}% quantiles"
+    )
 
 
-def _float_attention_ops(onnx_path: Path, model: Any) -> list[str]:
-    """MatMuls that belong to a TokenPerformer or a backbone Attention module itself.
+FLOAT_MATMUL_WHY = "activation x activation MatMuls of the modules the model's hints keep float (float_matmul_modules)"
 
-    The exporter records each node's module path in the ONNX ``namespace`` metadata; OpenVINO keeps the
+
+def _float_matmuls(onnx_path: Path, model: Any, patterns: tuple[str, ...]) -> list[str]:
+    """MatMuls that a module matching one of ``patterns`` performs itself (not inside a child Linear).
+
+    The exporter records each node's module path (``pkg.torch.onnx.name_scopes``); OpenVINO keeps the
     ONNX node names, so the names found here are the ones NNCF sees.
     """
+    import fnmatch
+
     import onnx
 
+    if not patterns:
+        return []
     present = {op.get_friendly_name() for op in model.get_ordered_ops()}
     found = []
     for node in onnx.load(str(onnx_path), load_external_data=False).graph.node:
         if node.op_type != "MatMul" or node.name not in present:
             continue
-        namespace = next((p.value for p in node.metadata_props if p.key == "namespace"), "")
-        owner = namespace.split("/")[-2] if namespace.count("/") else ""
-        if owner.rpartition(".")[2] in FLOAT_ATTENTION_MODULES:
+        owner = _owner_module(node)
+        if owner and any(fnmatch.fnmatchcase(owner, p) for p in patterns):
             found.append(node.name)
     return found
 
 
-def quantize(model: Any, inputs: BuildInputs, out_dir: Path) -> tuple[Any, dict[str, Any]]:
+def _owner_module(node: Any) -> str:
+    """The module path of the module whose own forward made ``node`` ('' where the exporter left none)."""
+    import ast
+
+    for prop in node.metadata_props:
+        if prop.key == "pkg.torch.onnx.name_scopes":  # e.g. "['', 'blocks.0', 'blocks.0.attn', 'matmul']"
+            try:
+                scopes = [m for m in ast.literal_eval(prop.value)[:-1] if m]
+            except (ValueError, SyntaxError):
+                return ""
+            return scopes[-1] if scopes else ""
+    return ""
+
+
+def quantize(model: Any, inputs: BuildInputs, config: OpenVinoConfig, out_dir: Path) -> tuple[Any, dict[str, Any]]:
     """nncf.quantize, or quantize_with_accuracy_control when a maximum accuracy drop is configured."""
     import nncf
 
     if inputs.calibration is None or not len(inputs.calibration):
         raise T2tedgeError("openvino int8 needs calibration images")
-    kwargs, record = quantization_settings(inputs, model)
+    kwargs, record = quantization_settings(inputs, config, model)
     calibration = nncf.Dataset(_batches(inputs.calibration))
-    max_drop = inputs.config.get("max_accuracy_drop")
+    max_drop = config.max_accuracy_drop
     if max_drop is not None:
         tuning_set(inputs)  # a clear error before NNCF starts
     try:
@@ -317,14 +403,9 @@ def quantize(model: Any, inputs: BuildInputs, out_dir: Path) -> tuple[Any, dict[
 
 
 def tuning_set(inputs: BuildInputs) -> tuple[np.ndarray, np.ndarray, str]:
-    """What accuracy control scores on: the held-out split of the calibration source, never the validation set.
-
-    ``validation_images`` serve direct callers that pass them; the pipeline passes only the held-out split.
-    """
+    """What accuracy control scores on: the held-out split of the calibration source, never the validation set."""
     if inputs.heldout is not None and inputs.heldout_labels is not None and len(inputs.heldout):
         return inputs.heldout, np.asarray(inputs.heldout_labels), "calibration.heldout"
-    if inputs.validation_images is not None and inputs.validation_labels is not None:
-        return inputs.validation_images, np.asarray(inputs.validation_labels), "validation_images"
     raise T2tedgeError(
         "openvino int8: accuracy-aware quantization (max_accuracy_drop) needs labelled held-out images "
         "(calibration.heldout > 0, from a labelled calibration source)"

@@ -27,14 +27,24 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
+from pydantic import Field
 
+from t2tedge.artifact import Artifact, read_manifest, sha256_file, write_json
 from t2tedge.errors import ArtifactError, T2tedgeError, TargetUnavailableError
-from t2tedge.pipeline.store import Artifact, read_manifest, sha256_file, write_json
 from t2tedge.progress import log, track
-from t2tedge.targets.base import Availability, BuildInputs, check_precision, register_target
+from t2tedge.targets.base import (
+    EMULATED,
+    Availability,
+    BuildInputs,
+    Capabilities,
+    DeviceRunner,
+    TargetConfig,
+    check_precision,
+    register_target,
+)
 from t2tedge.targets.tensorrt_lint import ERROR, lint, summarize
 
 MODEL_FILE = "model.onnx"
@@ -59,10 +69,22 @@ FLOAT_INPUT_OPS = ("Softmax", "Add", "LayerNormalization")
 QUANTIZED_OPS = ("Conv", "Gemm", "MatMul")
 
 
+class TensorRtConfig(TargetConfig):
+    """`quantization.tensorrt`: how the Q/DQ graph is calibrated and which nodes stay FP16."""
+
+    activation_matmuls: bool = Field(False, description="also put Q/DQ on attention MatMuls (off: hurts T2T accuracy)")
+    calibration_method: Literal["auto", "minmax", "percentile", "entropy"] | None = Field(
+        "auto",
+        description="auto: the method whose INT8 graph agrees best with FP32 on the held-out split, under the "
+        "FP16 emulator; null: quantization.method",
+    )
+    exclude_nodes: list[str] = Field(default_factory=list, description="node names kept in FP16")
+
+
 class EmulatedRunner:
     """The artifact's graph in TensorRT's arithmetic on the CPU, standing in for an engine (labelled emulated)."""
 
-    label = "emulated"
+    label = EMULATED
 
     def __init__(self, path: Path, fp32_nodes: list[str], threads: int | None = None) -> None:
         from t2tedge.emulation import GraphEmulator
@@ -70,74 +92,96 @@ class EmulatedRunner:
         self.emulator = GraphEmulator(path, fp32_nodes, threads=threads or 1)
         self.fixed_batch = self.emulator.fixed_batch
         pinned = f"; {len(fp32_nodes)} nodes pinned to FP32 as the engine pins them" if fp32_nodes else ""
-        self.emulation = f"{EMULATION}: {self.emulator.arithmetic}{pinned}"
+        self.emulation: str | None = f"{EMULATION}: {self.emulator.arithmetic}{pinned}"
+        self.runtime_facts: dict[str, Any] = {"runtime": "t2tedge GraphEmulator"}
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         return self.emulator(images)
 
 
-class TensorRTRunner:
-    """Runs a serialized engine on the CUDA device with torch tensors as I/O buffers (TensorRT 10 API)."""
+def device_load(kit, directory, request):  # noqa: ANN001, ANN201, C901  (shipped to devices by source: Python 3.8)
+    """Build the engine from the artifact's Q/DQ ONNX (cached in ``workdir/engines`` by content hash), run it.
 
-    label = "measured"
+    Timing as trtexec: page-locked host buffers and device buffers allocated once (grown, never per
+    iteration), async copies on one stream, CUDA events around the enqueue for the GPU compute time.
+    """
+    import hashlib
+    import os
+    import subprocess
+    import sys
 
-    def __init__(self, engine_path: Path) -> None:
-        import tensorrt as trt
-        import torch
+    import numpy as np
 
-        self.torch = torch
-        self.logger = trt.Logger(trt.Logger.WARNING)
-        self.engine = trt.Runtime(self.logger).deserialize_cuda_engine(Path(engine_path).read_bytes())
-        if self.engine is None:
-            raise T2tedgeError(f"TensorRT could not load {engine_path} (built by another TensorRT version or GPU?)")
-        self.context = self.engine.create_execution_context()
-        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
-        self.input_name = next(n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT)
-        self.output_name = next(n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT)
-        shape = tuple(self.engine.get_tensor_shape(self.input_name))
-        self.fixed_batch: int | None = shape[0] if shape[0] > 0 else None
-        self.max_batch = self.fixed_batch or self.engine.get_tensor_profile_shape(self.input_name, 0)[2][0]
-        dtypes = {trt.DataType.FLOAT: torch.float32, trt.DataType.HALF: torch.float16}
-        self.input_dtype = dtypes[self.engine.get_tensor_dtype(self.input_name)]
-        self.output_dtype = dtypes[self.engine.get_tensor_dtype(self.output_name)]
-        # As trtexec: buffers allocated once for the largest batch (device and page-locked host), async
-        # copies on one stream, CUDA events around the enqueue for the GPU compute time of each call.
-        in_shape = (self.max_batch, *shape[1:])
-        self.context.set_input_shape(self.input_name, in_shape)
-        out_shape = tuple(self.context.get_tensor_shape(self.output_name))
-        self.device_in = torch.empty(in_shape, dtype=self.input_dtype, device="cuda")
-        self.device_out = torch.empty(out_shape, dtype=self.output_dtype, device="cuda")
-        self.host_in = torch.empty(in_shape, dtype=self.input_dtype).pin_memory()
-        self.host_out = torch.empty(out_shape, dtype=self.output_dtype).pin_memory()
-        self.context.set_tensor_address(self.input_name, self.device_in.data_ptr())
-        self.context.set_tensor_address(self.output_name, self.device_out.data_ptr())
-        self.stream = torch.cuda.Stream()
-        self.events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-        self.gpu_seconds: list[float] = []
+    trt = kit.import_runtime("tensorrt")
+    cuda = kit.Cuda()
+    gpu = kit.gpu() or "gpu"
+    key = hashlib.sha256("{}|{}|{}".format(request["model_sha256"], trt.__version__, gpu).encode()).hexdigest()
+    engines = os.path.join(request["workdir"], "engines")
+    engine = os.path.join(engines, key[:16] + ".engine")
+    built_now = not os.path.isfile(engine)
+    if built_now:
+        os.makedirs(engines, exist_ok=True)
+        staging = f"{engine}.{os.getpid()}.tmp"
+        argv = [sys.executable, os.path.join(directory, "build_engine.py"), directory, "--engine", staging]
+        argv += ["--timing-cache", os.path.join(engines, "timing.cache")]
+        result = subprocess.run(argv, stdout=sys.stderr, stderr=subprocess.PIPE, timeout=kit.remaining())
+        if result.returncode != 0 or not os.path.isfile(staging):
+            tail = result.stderr.decode(errors="replace").strip().splitlines()[-3:]
+            raise kit.Failure("error", "TensorRT engine build failed: " + (" | ".join(tail) or "no output"))
+        os.replace(staging, engine)
+    logger = trt.Logger(trt.Logger.WARNING)
+    with open(engine, "rb") as fh:
+        compiled = trt.Runtime(logger).deserialize_cuda_engine(fh.read())
+    if compiled is None:
+        raise kit.Failure("error", "TensorRT could not load " + engine + " (another TensorRT version or GPU?)")
+    context = compiled.create_execution_context()
+    names = [compiled.get_tensor_name(i) for i in range(compiled.num_io_tensors)]
+    inp = next(n for n in names if compiled.get_tensor_mode(n) == trt.TensorIOMode.INPUT)
+    out = next(n for n in names if compiled.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT)
+    shape = list(compiled.get_tensor_shape(inp))
+    fixed = shape[0] if shape[0] > 0 else None
+    in_type, out_type = trt.nptype(compiled.get_tensor_dtype(inp)), trt.nptype(compiled.get_tensor_dtype(out))
+    buffers = {}
+    events = [cuda.event() for _ in range(2)]
+    gpu_seconds = []
 
-    def __call__(self, images: np.ndarray) -> np.ndarray:
-        torch = self.torch
-        outputs = []
-        for start in range(0, len(images), self.max_batch):
-            chunk = np.ascontiguousarray(images[start : start + self.max_batch], dtype=np.float32)
-            count = len(chunk)
-            batch = self.max_batch if self.fixed_batch else count  # a fixed-batch engine runs padded chunks
-            self.context.set_input_shape(self.input_name, (batch, *chunk.shape[1:]))
-            self.host_in[:count].copy_(torch.from_numpy(chunk))
-            if batch > count:
-                self.host_in[count:batch].zero_()
-            rows = self.context.get_tensor_shape(self.output_name)[0]
-            with torch.cuda.stream(self.stream):
-                self.device_in[:batch].copy_(self.host_in[:batch], non_blocking=True)
-                self.events[0].record(self.stream)
-                if not self.context.execute_async_v3(self.stream.cuda_stream):
-                    raise T2tedgeError("TensorRT inference failed")
-                self.events[1].record(self.stream)
-                self.host_out[:rows].copy_(self.device_out[:rows], non_blocking=True)
-            self.stream.synchronize()
-            self.gpu_seconds.append(self.events[0].elapsed_time(self.events[1]) / 1000.0)
-            outputs.append(self.host_out[:count].float().numpy().copy())
-        return np.concatenate(outputs)
+    def ensure(name, nbytes, dtype):
+        if buffers.get(name, (0, 0, None))[1] < nbytes:
+            buffers[name] = (cuda.malloc(nbytes), nbytes, cuda.pinned(nbytes, dtype))
+            context.set_tensor_address(name, buffers[name][0])
+        return buffers[name]
+
+    def run(x):
+        x = np.ascontiguousarray(x, dtype=in_type)
+        context.set_input_shape(inp, tuple(x.shape))
+        out_shape = tuple(context.get_tensor_shape(out))
+        out_count = int(np.prod(out_shape))
+        y_bytes = out_count * np.dtype(out_type).itemsize
+        device_in, _, host_in = ensure(inp, x.nbytes, in_type)
+        device_out, _, host_out = ensure(out, y_bytes, out_type)
+        host_in[: x.size] = x.ravel()
+        # Per iteration: copy in, execute, copy out, synchronized: trtexec's end-to-end "Latency".
+        cuda.copy_async(device_in, host_in.ctypes.data, x.nbytes, cuda.H2D)
+        cuda.record(events[0])
+        if not context.execute_async_v3(cuda.stream.value):
+            raise kit.Failure("error", "TensorRT inference failed")
+        cuda.record(events[1])
+        cuda.copy_async(host_out.ctypes.data, device_out, y_bytes, cuda.D2H)
+        cuda.synchronize()
+        gpu_seconds.append(cuda.elapsed_ms(events[0], events[1]) / 1000.0)  # trtexec's "GPU Compute Time"
+        return host_out[:out_count].reshape(out_shape).astype(np.float32)
+
+    facts = {
+        "runtime": "tensorrt",
+        "version": trt.__version__,
+        "gpu": gpu,
+        "engine": {"cache_key": key[:16], "built_now": built_now, "precision": request["build"].get("precision")},
+        "timing": "pinned host buffers; host->device copy + execute_async_v3 + device->host copy per iteration "
+        "(trtexec 'Latency'); CUDA events around execute_async_v3 (trtexec 'GPU Compute Time')",
+    }
+    model = kit.Model(run, fixed, [d if d > 0 else None for d in shape[1:]], facts)
+    model.gpu_seconds = gpu_seconds
+    return model
 
 
 def tensorrt_status() -> tuple[bool, str]:
@@ -162,7 +206,14 @@ class TensorRTTarget:
 
     name = "tensorrt"
     precisions = ("fp16", "int8")
-    payload = ("model.onnx", BUILD_SCRIPT, ENGINE_SETTINGS, TRTEXEC_SCRIPT)
+    Config = TensorRtConfig
+    capabilities = Capabilities(
+        payload=(MODEL_FILE, BUILD_SCRIPT, ENGINE_SETTINGS, TRTEXEC_SCRIPT),
+        device_runtime="tensorrt",
+        device_loader=device_load,
+        # the lint and engine script it applies and ships, and the FP16 emulation that range-checks the graph
+        rule_files=("targets/tensorrt_lint.py", "targets/tensorrt_build_engine.py", "emulation/*.py"),
+    )
 
     def availability(self) -> Availability:
         ok, reason = tensorrt_status()
@@ -178,13 +229,13 @@ class TensorRTTarget:
         ok, version = tensorrt_status()
         return {"onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__, "tensorrt": version if ok else "-"}
 
-    def build(self, inputs: BuildInputs, precision: str, out_dir: Path) -> dict[str, Any]:
+    def build(self, inputs: BuildInputs, precision: str, config: TensorRtConfig, out_dir: Path) -> dict[str, Any]:
         check_precision(self, precision)
         if inputs.calibration is None or len(inputs.calibration) == 0:
             raise T2tedgeError(f"tensorrt/{precision} needs calibration images (the FP16 range check reads them)")
         model_path = out_dir / MODEL_FILE
         if precision == "int8":
-            facts = build_qdq(inputs, model_path, out_dir)
+            facts = build_qdq(inputs, config, model_path, out_dir)
         else:
             shutil.copyfile(inputs.onnx_path, model_path)
             facts = {"format": "ONNX (FP32 weights; TensorRT builds FP16 kernels with the FP16 flag)"}
@@ -204,10 +255,18 @@ class TensorRTTarget:
         facts["engine"] = _build_engine_at_build_time(out_dir)
         return facts
 
-    def load(self, artifact: Artifact, threads: int | None = None) -> Any:
+    def load(self, artifact: Artifact, threads: int | None = None) -> DeviceRunner | EmulatedRunner:
         ok, _ = tensorrt_status()
-        if ok:
-            return TensorRTRunner(ensure_engine(artifact))
+        if ok:  # the device loader, as on an SSH device: engines cached beside the artifact
+            from t2tedge.devices import remote_runner
+
+            request = {
+                "threads": threads,
+                "build": {**artifact.manifest.get("build", {}), "precision": artifact.manifest.get("precision")},
+                "workdir": str(artifact.path.parent / ENGINE_CACHE),
+                "model_sha256": artifact.manifest["files"][MODEL_FILE]["sha256"],
+            }
+            return DeviceRunner(device_load(remote_runner, str(artifact.path), request))
         pinned = artifact.manifest.get("build", {}).get("fp32_layers", {}).get("nodes", [])
         return EmulatedRunner(artifact.file(MODEL_FILE), pinned, threads)
 
@@ -241,8 +300,8 @@ def range_check(model_path: Path, calibration: np.ndarray, what: str) -> Any:
     return check
 
 
-def qdq_settings(config: dict[str, Any], method: str | None = None) -> Any:
-    """TensorRT's Q/DQ settings from the recipe's quantization dict (optional keys read with defaults).
+def qdq_settings(config: TensorRtConfig, method: str | None = None) -> Any:
+    """TensorRT's Q/DQ settings: symmetric INT8, Q/DQ on the inputs of Conv/Gemm/weight MatMuls.
 
     ``activation_matmuls`` (default False) also quantizes the activation x activation MatMuls (attention
     scores and attention x values, the T2T Performer products); see the module README text for why not.
@@ -251,15 +310,15 @@ def qdq_settings(config: dict[str, Any], method: str | None = None) -> Any:
 
     try:
         return QdqSettings(
-            method=method or config.get("method", "minmax"),
-            percentile=float(config.get("percentile", 99.999)),
+            method=method or config.method,
+            percentile=config.percentile,
             op_types=QUANTIZED_OPS,
             activation_type="int8",
             activation_symmetric=True,
             per_channel=True,
-            nodes_to_exclude=tuple(config.get("exclude_nodes") or ()),
+            nodes_to_exclude=tuple(config.exclude_nodes),
             fp32_op_types=FLOAT_INPUT_OPS,
-            activation_matmuls=bool(config.get("activation_matmuls", False)),
+            activation_matmuls=config.activation_matmuls,
             # Q/DQ go on inputs only: TensorRT fuses a Q that follows a layer (and its activation) into that
             # layer's output itself, so an output Q would only put Q/DQ on residual Adds and LayerNorms.
             no_output_quantization_op_types=QUANTIZED_OPS,
@@ -270,22 +329,24 @@ def qdq_settings(config: dict[str, Any], method: str | None = None) -> Any:
         raise T2tedgeError(f"tensorrt int8: {exc}") from None
 
 
-def build_qdq(inputs: BuildInputs, model_path: Path, out_dir: Path) -> dict[str, Any]:
+def build_qdq(inputs: BuildInputs, config: TensorRtConfig, model_path: Path, out_dir: Path) -> dict[str, Any]:
     """Calibrate and write the TensorRT Q/DQ graph; honours ``max_accuracy_drop`` with emulated accuracy.
 
     ``calibration_method: auto`` calibrates with every method and keeps the one whose graph agrees best
     with FP32 on the held-out split of the calibration source, run in the FP16 emulator.
     """
+    from t2tedge.calibration.accuracy_aware import quantize_with_budget
     from t2tedge.calibration.onnx_qdq import qdq_structure
-    from t2tedge.targets.onnxruntime import quantize_with_budget
 
-    requested = inputs.config.get("calibration_method", "auto") or inputs.config.get("method", "minmax")
+    requested = config.calibration_method or config.method
     choice = None
     if requested == "auto":
-        choice = choose_calibration_method(inputs)
+        choice = choose_calibration_method(inputs, config)
         requested = choice["chosen"]
-    settings = qdq_settings(inputs.config, requested)
-    facts = quantize_with_budget(inputs, settings, model_path, out_dir, "tensorrt/int8 (symmetric)")
+    settings = qdq_settings(config, requested)
+    facts = quantize_with_budget(
+        inputs, settings, model_path, out_dir, "tensorrt/int8 (symmetric)", config.max_accuracy_drop
+    )
     if "accuracy_aware" in facts:
         facts["accuracy_aware"]["label"] = "emulated"  # judged on the onnxruntime FP32 stand-in
     if choice is not None:
@@ -294,24 +355,24 @@ def build_qdq(inputs: BuildInputs, model_path: Path, out_dir: Path) -> dict[str,
     return {"format": "Q/DQ ONNX (TensorRT explicit quantization)", **facts, **qdq_structure(model_path)}
 
 
-def choose_calibration_method(inputs: BuildInputs) -> dict[str, Any]:
+def choose_calibration_method(inputs: BuildInputs, config: TensorRtConfig) -> dict[str, Any]:
     """Score minmax / percentile / entropy on the held-out split; the best top-1 agreement wins, then logit error."""
     import tempfile
 
     from t2tedge.calibration.onnx_qdq import METHODS, quantize_qdq
+    from t2tedge.calibration.onnx_session import OnnxSession
     from t2tedge.emulation import GraphEmulator
     from t2tedge.evaluation.accuracy import agreement
-    from t2tedge.targets.onnxruntime import OnnxRuntimeRunner
 
     if inputs.heldout is None or len(inputs.heldout) == 0:
         return {"chosen": "minmax", "reason": "no held-out images (calibration.heldout: 0 or no images left)"}
-    reference = OnnxRuntimeRunner(inputs.onnx_path)(inputs.heldout)
+    reference = OnnxSession(inputs.onnx_path)(inputs.heldout)
     candidates = []
     with tempfile.TemporaryDirectory(prefix="t2tedge-trt-method-") as tmp:
         for method in track(METHODS, "tensorrt int8: choosing the calibration method", total=len(METHODS)):
             path = Path(tmp) / f"{method}.onnx"
             with contextlib.redirect_stdout(io.StringIO()):
-                quantize_qdq(inputs.onnx_path, path, inputs.calibration, qdq_settings(inputs.config, method))
+                quantize_qdq(inputs.onnx_path, path, inputs.calibration, qdq_settings(config, method))
             scores = agreement(GraphEmulator(path)(inputs.heldout), reference)
             candidates.append({"method": method, **scores})
     usable = [c for c in candidates if np.isfinite(c["logit_abs_err_mean"])] or candidates
