@@ -1,16 +1,17 @@
-"""Latency of the model zoo at 224 px: ONNX Runtime and OpenVINO, FP32 and INT8, built by the product's targets.
+"""Latency of the model zoo at 224 px: ONNX Runtime, OpenVINO and ExecuTorch, FP32 and INT8, built by the targets.
 
     python benchmarks/zoo_latency.py [--models t2t_vit_7 ... mobilenet_v3_small] [--calib 64] [--threads 2]
                                      [--warmup 10] [--min-iters 50] [--min-seconds 3] [--round-iters 10]
 
 Each model is exported once (random weights made well-conditioned; latency does not depend on them) and
-built four times through ``get_target(...).build``: ONNX Runtime fp32 / int8 (QDQ) and OpenVINO fp32
-(compiled with ``INFERENCE_PRECISION_HINT=f32``) / int8 (NNCF), with the recipe's default quantization
-settings and ``--calib`` Fashion-MNIST training images through the model's own eval transform. The four
-artifacts of a model are loaded with ``target.load(artifact, threads)`` and timed together in
-interleaved rounds (``time_interleaved``), so load from other processes hits them alike. Efficiency is
-the achieved GMAC/s over this host's peak GEMM rate in the same runtime and precision (``peak_gmacs``,
-measured before and after the models; the better of the two).
+built six times through ``get_target(...).build``: ONNX Runtime fp32 / int8 (QDQ), OpenVINO fp32
+(compiled with ``INFERENCE_PRECISION_HINT=f32``) / int8 (NNCF) and ExecuTorch fp32 / int8 (XNNPACK,
+PT2E; skipped where executorch is not installed), with the recipe's default quantization settings and
+``--calib`` Fashion-MNIST training images through the model's own eval transform. The artifacts of a
+model are loaded with ``target.load(artifact, threads)`` and timed together in interleaved rounds
+(``time_interleaved``), so load from other processes hits them alike. Efficiency is the achieved GMAC/s
+over this host's peak GEMM rate in the same runtime and precision (``peak_gmacs``, measured before and
+after the models; the better of the two).
 """
 
 from __future__ import annotations
@@ -27,13 +28,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from t2tedge.artifact import list_files, write_json
 from t2tedge.calibration import select_indices
 from t2tedge.data.cache import preprocess
 from t2tedge.data.datasets import open_dataset
 from t2tedge.evaluation.host import host_info
 from t2tedge.evaluation.latency import summarize, time_interleaved
 from t2tedge.evaluation.peak import peak_gmacs
-from t2tedge.models import get_spec
+from t2tedge.models import get_spec, graph_form
 from t2tedge.models.conditioning import well_conditioned
 from t2tedge.pipeline.bench import _efficiency, model_macs
 from t2tedge.pipeline.export import export_onnx
@@ -50,7 +52,12 @@ MODELS = (
     "mobilenet_v3_large",
     "mobilenet_v3_small",
 )
-VARIANTS = (("onnxruntime", "fp32"), ("onnxruntime", "int8"), ("openvino", "fp32"), ("openvino", "int8"))
+VARIANTS = tuple(
+    (target, precision)
+    for target in ("onnxruntime", "openvino", "executorch")
+    for precision in ("fp32", "int8")
+    if get_target(target).availability().can_build
+)
 NUM_CLASSES = 1000
 
 
@@ -72,12 +79,16 @@ def build_model(name: str, size: int, calibration: np.ndarray, workdir: Path) ->
             onnx_path=onnx_path,
             image_size=size,
             num_classes=NUM_CLASSES,
-            family=spec.family,
-            config=QuantizationConfig().for_target(target_name) if int8 else {},
             calibration=calibration if int8 else None,
+            torch_model=model,
+            export_form=graph_form(model),
+            hints=spec.quantization,
         )
         started = time.perf_counter()
-        facts = target.build(inputs, precision, out_dir)
+        facts = target.build(inputs, precision, QuantizationConfig().for_target(target_name), out_dir)
+        # a manifest as the store writes it: loaders read their build facts, and every file is verified
+        manifest = {"model": name, "target": target_name, "precision": precision, "build": facts}
+        write_json(out_dir / "manifest.json", {**manifest, "files": list_files(out_dir)})
         builds[f"{target_name}/{precision}"] = {
             "dir": out_dir,
             "build_seconds": round(time.perf_counter() - started, 1),
@@ -89,7 +100,7 @@ def build_model(name: str, size: int, calibration: np.ndarray, workdir: Path) ->
 def time_model(
     name: str, size: int, builds: dict[str, Any], image: np.ndarray, args: argparse.Namespace
 ) -> dict[str, Any]:
-    """Load the four artifacts, time them interleaved, and summarize each (with a manifest-like record)."""
+    """Load the artifacts, time them interleaved, and summarize each (with a manifest-like record)."""
     runners = {}
     for key, build in builds.items():
         runners[key] = get_target(key.split("/")[0]).load(Artifact(build["dir"]), args.threads)
@@ -97,13 +108,8 @@ def time_model(
     rows: dict[str, Any] = {}
     for key, runner in runners.items():
         target_name, precision = key.split("/")
-        runtime = {}
-        if hasattr(runner, "inference_precision"):  # OpenVINO: what the plugin actually ran in
-            runtime = {
-                "precision_hint_requested": runner.precision_hint_requested or "plugin default",
-                "inference_precision": runner.inference_precision,
-            }
-        record: dict[str, Any] = {"batch": args.batch, "threads": args.threads, "runtime": runtime}
+        # what the runtime really used (OpenVINO: the precision the plugin ran in)
+        record: dict[str, Any] = {"batch": args.batch, "threads": args.threads, "runtime": runner.runtime_facts}
         record.update(summarize(times[key], args.batch))
         manifest = {
             "model": name,
@@ -125,17 +131,21 @@ def time_model(
 def markdown_table(results: dict[str, Any]) -> str:
     header = (
         "| model | params (M) | GMACs | ORT fp32 p50 ms | ORT int8 p50 ms | ORT int8 speed-up | OV f32 p50 ms "
-        "| OV int8 p50 ms | OV int8 speed-up | efficiency % (ORT fp32 / int8, OV f32 / int8) |"
+        "| OV int8 p50 ms | OV int8 speed-up | ET fp32 p50 ms | ET int8 p50 ms | ET int8 speed-up "
+        "| efficiency % (ORT fp32 / int8, OV f32 / int8) |"
     )
-    lines = [header, "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [header, "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, entry in results.items():
         v = entry["variants"]
         p50 = {key: row["latency_ms_p50"] for key, row in v.items()}
-        eff = " / ".join(f"{v[key].get('efficiency_pct', float('nan')):.1f}" for key in v)
+        eff = " / ".join(f"{v[key].get('efficiency_pct', float('nan')):.1f}" for key in v if "efficiency_pct" in v[key])
+        nan = float("nan")
+        et = f"| {p50.get('executorch/fp32', nan):.2f} | {p50.get('executorch/int8', nan):.2f} "
+        et += f"| {entry.get('et_int8_speedup', nan):.2f}x "
         lines.append(
             f"| {name} | {entry['params_m']:.1f} | {entry['gmacs']:.2f} "
             f"| {p50['onnxruntime/fp32']:.2f} | {p50['onnxruntime/int8']:.2f} | {entry['ort_int8_speedup']:.2f}x "
-            f"| {p50['openvino/fp32']:.2f} | {p50['openvino/int8']:.2f} | {entry['ov_int8_speedup']:.2f}x | {eff} |"
+            f"| {p50['openvino/fp32']:.2f} | {p50['openvino/int8']:.2f} | {entry['ov_int8_speedup']:.2f}x {et}| {eff} |"
         )
     return "\n".join(lines)
 
@@ -176,6 +186,8 @@ def main() -> None:
             "ort_int8_speedup": round(p50["onnxruntime/fp32"] / p50["onnxruntime/int8"], 3),
             "ov_int8_speedup": round(p50["openvino/fp32"] / p50["openvino/int8"], 3),
         }
+        if "executorch/int8" in p50:
+            results[name]["et_int8_speedup"] = round(p50["executorch/fp32"] / p50["executorch/int8"], 3)
         print(f"{name}: " + ", ".join(f"{key} {ms:.2f} ms" for key, ms in p50.items()), flush=True)
 
     # The peak GEMM rate is measured before and after the models; on a shared host the better of the two

@@ -137,7 +137,8 @@ def test_builder_refuses_unknown_names_before_work(tmp_path: Path) -> None:
 def test_bundled_demo_recipe_loads() -> None:
     recipe = load_recipe("demo")
     assert [m.name for m in recipe.models] == ["t2t_vit_7", "mobilenet_v2", "mobilenet_v3_small"]
-    assert recipe.benchmark.enabled and recipe.targets == ["onnxruntime", "openvino", "tensorrt", "coreml"]
+    assert recipe.benchmark.enabled
+    assert recipe.targets == ["onnxruntime", "openvino", "tensorrt", "coreml", "executorch"]
 
 
 def test_performer_epsilon_survives_onnx_export(tmp_path: Path) -> None:

@@ -26,6 +26,7 @@ register_module("onnxruntime", "t2tedge.targets.onnxruntime")
 register_module("openvino", "t2tedge.targets.openvino")
 register_module("tensorrt", "t2tedge.targets.tensorrt")
 register_module("coreml", "t2tedge.targets.coreml")
+register_module("executorch", "t2tedge.targets.executorch")
 
 __all__ = [
     "EMULATED",
