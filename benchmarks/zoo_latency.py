@@ -62,7 +62,7 @@ NUM_CLASSES = 1000
 
 
 def build_model(name: str, size: int, calibration: np.ndarray, workdir: Path) -> tuple[dict[str, Any], dict]:
-    """Export one model and build its four variants; returns their runner-less build records and facts."""
+    """Export one model and build its variants; returns their runner-less build records and facts."""
     spec = get_spec(name)
     torch.manual_seed(0)
     model = well_conditioned(spec.create(num_classes=NUM_CLASSES, image_size=size), calibration[:32])
@@ -214,7 +214,7 @@ def main() -> None:
             "min_iters": args.min_iters,
             "min_seconds": args.min_seconds,
             "round_iters": args.round_iters,
-            "timing": "the four variants of a model interleaved (time_interleaved), direction alternating per round",
+            "timing": "the variants of a model interleaved (time_interleaved), direction alternating per round",
             "weights": "random, well_conditioned (BatchNorm re-estimated, residual branches damped)",
             "calibration_images": len(calib_indices),
             "calibration_source": "fashion_mnist:train, class-balanced (seed 0), model eval transform",
