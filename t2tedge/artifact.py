@@ -70,12 +70,14 @@ class Artifact:
     def file(self, name: str) -> Path:
         return self.path / name
 
-    def verify(self, names: Iterable[str] | None = None) -> None:
+    def verify(self, names: Iterable[str] | None = None) -> dict[str, str]:
         """Check files (default: every file the manifest lists) against the manifest's sha256.
 
-        Raises :class:`ArtifactError` naming the first file that is missing, changed or not listed.
+        Returns each checked file's sha256; raises :class:`ArtifactError` naming the first file that is
+        missing, changed or not listed.
         """
         listed = self.manifest.get("files", {})
+        verified = {}
         for name in listed if names is None else names:
             entry = listed.get(name)
             path = self.path / name
@@ -87,6 +89,8 @@ class Artifact:
                 raise ArtifactError(
                     f"{path} changed since it was built (sha256 differs from the manifest); re-copy or rebuild it"
                 )
+            verified[name] = entry["sha256"]
+        return verified
 
     def update_manifest(self, **sections: Any) -> None:
         """Merge sections (e.g. validation results) into the manifest, atomically.

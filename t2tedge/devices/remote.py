@@ -98,13 +98,17 @@ class RemoteDevice:
         wanted = [get_target(t) for t in targets] if targets else list_targets()
         return self._python("info", {"runtimes": runtimes_wanted(wanted)}, timeout_s)["host"]
 
-    def sync(self, files: dict[str, Path], timeout_s: float) -> tuple[dict[str, str], str | None, dict[str, int]]:
+    def sync(
+        self, files: dict[str, Path], timeout_s: float, known: dict[str, str] | None = None
+    ) -> tuple[dict[str, str], str | None, dict[str, int]]:
         """Make ``files`` (remote path relative to the work directory -> local file) present on the device.
 
+        ``known``: sha256s already computed (e.g. verified against a manifest), by remote path.
         Returns their sha256s, the id of the upload still to be moved into place by the next run (None when
         everything was there already) and transfer counts.
         """
-        shas = {relative: sha256_file(local) for relative, local in files.items()}
+        known = known or {}
+        shas = {relative: known.get(relative) or sha256_file(local) for relative, local in files.items()}
         answer = self._python("check", {"workdir": self.device.workdir, "files": shas}, min(timeout_s, CHECK_TIMEOUT_S))
         missing = answer["missing"]
         size = sum(files[relative].stat().st_size for relative in missing)
@@ -146,10 +150,11 @@ class RemoteDevice:
         target = manifest.get("target", "")
         local = artifact_files(Path(artifact_dir), target)
         # what leaves for the device is byte for byte what the build wrote (the device re-checks each hash)
-        Artifact(Path(artifact_dir)).verify(local)
-        listing = json.dumps(sorted((name, sha256_file(p)) for name, p in local.items()))
+        verified = Artifact(Path(artifact_dir)).verify(local)
+        listing = json.dumps(sorted(verified.items()))
         remote_dir = f"artifacts/{hashlib.sha256(listing.encode()).hexdigest()[:16]}"
         files = {f"{remote_dir}/{name}": p for name, p in local.items()}
+        known = {f"{remote_dir}/{name}": sha for name, sha in verified.items()}
         with tempfile.TemporaryDirectory(prefix="t2tedge-remote-") as tmp:
             request: dict[str, Any] = {}
             if images is not None:
@@ -157,7 +162,7 @@ class RemoteDevice:
                 np.save(tensor, np.ascontiguousarray(images, dtype=np.float32))
                 request["images"] = f"data/{sha256_file(tensor)[:16]}/images.npy"
                 files[request["images"]] = tensor
-            shas, upload, transfer = self.sync(files, timeout_s)
+            shas, upload, transfer = self.sync(files, timeout_s, known)
         onnx = f"{remote_dir}/model.onnx"
         request.update(
             {

@@ -1,8 +1,7 @@
 """Deployment targets, one module each, behind the protocol in `base`."""
 
+from t2tedge.evaluation.accuracy import EMULATED, MEASURED
 from t2tedge.targets.base import (
-    EMULATED,
-    MEASURED,
     Availability,
     BuildInputs,
     Capabilities,

@@ -17,12 +17,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from t2tedge.artifact import Artifact
 from t2tedge.errors import ArtifactError, T2tedgeError
+from t2tedge.evaluation.accuracy import MEASURED
 
 if TYPE_CHECKING:  # the models package imports torch and torchvision: not at recipe validation
     from t2tedge.models.spec import QuantizationHints
-
-MEASURED = "measured"
-EMULATED = "emulated"
 
 
 @dataclass(frozen=True)
@@ -72,16 +70,6 @@ class Runner(Protocol):
     runtime_facts: dict[str, Any]
 
     def __call__(self, images: np.ndarray) -> np.ndarray: ...
-
-
-@dataclass
-class LoadedModel:
-    """What a device loader returns (locally and on a device): one batch in, logits out, and its facts."""
-
-    run: Callable[[np.ndarray], np.ndarray]
-    fixed_batch: int | None
-    input_shape: list[int | None]
-    facts: dict[str, Any]
 
 
 class DeviceRunner:

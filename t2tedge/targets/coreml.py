@@ -42,9 +42,9 @@ from torch import nn
 
 from t2tedge.artifact import Artifact, sha256_file
 from t2tedge.errors import ArtifactError, T2tedgeError, TargetUnavailableError
+from t2tedge.evaluation.accuracy import EMULATED
 from t2tedge.progress import log, track
 from t2tedge.targets.base import (
-    EMULATED,
     MEASURED,
     Availability,
     BuildInputs,

@@ -140,9 +140,7 @@ def device_load(kit, directory, request):  # noqa: ANN001, ANN201  (shipped to d
 
     import numpy as np
 
-    importer = getattr(kit, "import_runtime", None)
-    if importer is not None:
-        importer("executorch")
+    kit.import_runtime("executorch")
     try:
         import torch
         from executorch.extension.pybindings import portable_lib
@@ -171,7 +169,6 @@ def device_load(kit, directory, request):  # noqa: ANN001, ANN201  (shipped to d
         out = method.execute([torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))])
         return np.array(out[0].numpy(), dtype=np.float32)
 
-    static = getattr(kit, "static", None) or (lambda d: d if isinstance(d, int) and d > 0 else None)
     facts = {
         "runtime": "executorch",
         "version": version,
@@ -179,7 +176,7 @@ def device_load(kit, directory, request):  # noqa: ANN001, ANN201  (shipped to d
         "threads": pool if threads else "not set (the process-wide pool has " + str(pool) + ")",
         "threadpool": "process-wide",
     }
-    return kit.Model(run, static(sizes[0]), [static(d) for d in sizes[1:]], facts)
+    return kit.Model(run, kit.static(sizes[0]), [kit.static(d) for d in sizes[1:]], facts)
 
 
 class ExecuTorchTarget:
@@ -219,8 +216,6 @@ class ExecuTorchTarget:
         if model is None:
             raise T2tedgeError("executorch builds from the PyTorch model; the pipeline passed none")
         model = model.eval()
-        if config.delegate == "xnnpack":
-            model, swapped = delegatable_layer_norms(model)
         facts: dict[str, Any] = {
             "delegate": config.delegate,
             "runtime_backend": backend,
@@ -230,7 +225,7 @@ class ExecuTorchTarget:
             "input_shape": [EXPORT_BATCH, 3, inputs.image_size, inputs.image_size],
         }
         if config.delegate == "xnnpack":
-            facts["layer_norms_as_matmuls"] = swapped
+            model, facts["layer_norms_as_matmuls"] = delegatable_layer_norms(model)
         if precision == "int8":
             model, quant_facts = quantize_pt2e(model, inputs, config)
             facts.update(quant_facts)
@@ -500,7 +495,8 @@ def delegatable_layer_norms(model: Any) -> tuple[Any, int]:
 
 def _edge_passes() -> list[Any]:
     """Edge passes before partitioning: drop the no-op ``expand_copy`` that decomposing a batched matmul
-    leaves (same shape in and out), which would otherwise run as copies on the portable kernels."""
+    leaves (same shape in and out) and turn ``squeeze_copy`` into ``view_copy``; both would otherwise run
+    as copies on the portable kernels, between two delegate calls."""
     from executorch.backends.xnnpack._passes.remove_noop_expand_copy_pass import RemoveNoopExpandCopyPass
     from executorch.exir.dialects._ops import ops as exir_ops
     from executorch.exir.pass_base import ExportPass, PassResult

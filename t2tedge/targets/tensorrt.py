@@ -34,9 +34,9 @@ from pydantic import Field
 
 from t2tedge.artifact import Artifact, read_manifest, sha256_file, write_json
 from t2tedge.errors import ArtifactError, T2tedgeError, TargetUnavailableError
+from t2tedge.evaluation.accuracy import EMULATED
 from t2tedge.progress import log, track
 from t2tedge.targets.base import (
-    EMULATED,
     Availability,
     BuildInputs,
     Capabilities,
