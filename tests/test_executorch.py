@@ -147,6 +147,48 @@ def test_manifest_counts_what_xnnpack_does_not_take(t2t_fp32: Artifact) -> None:
     assert build["layer_norms_as_matmuls"] > 0
     assert not {"native_layer_norm", "squeeze_copy"} & set(build["non_delegated_by_op"])
     assert build["non_delegated_by_op"].get("expand_copy", 0) < build["non_delegated_ops"]
+    # the Performer's reductions, its q/k/v split, detaches and the class-token select are rewritten
+    # into ops XNNPACK takes; what is left outside is the soft split's gather and scalar constants
+    rewritten = build["rewritten_for_xnnpack"]
+    assert {"sum", "amax", "detach", "split", "select", "matmul"} <= set(rewritten), rewritten
+    outside = {"sum", "amax", "alias_copy", "split_with_sizes_copy", "select_copy", "expand_copy", "mm", "bmm"}
+    assert not outside & set(build["non_delegated_by_op"]), build["non_delegated_by_op"]
+
+
+class _Reductions(torch.nn.Module):
+    """Every op ``delegatable_reductions`` rewrites, each in the forms it handles."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(6, 12), requires_grad=False)
+        self.column = torch.nn.Parameter(torch.randn(12, 1), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b, c = x.split(4, dim=-1)  # (B, T, 4) each
+        d, e = x.split([5, 7], dim=-1)
+        shift = (x @ self.w.t()).amax(dim=1, keepdim=True).detach()  # (B, 1, 6)
+        peak = x.amax(dim=-1, keepdim=True).detach()  # (B, T, 1)
+        total = (a * b).sum(dim=-1, keepdim=True) + c.sum(dim=1).unsqueeze(-1).mean() + d.sum(dim=1).sum()
+        first = x.select(1, 0)  # (B, 12)
+        return (x @ self.column) * total - peak + shift.sum(dim=-1, keepdim=True) + first[:, None, :1] + e[..., :1]
+
+
+def test_delegatable_reductions_are_the_same_function() -> None:
+    torch.manual_seed(0)
+    model, x = _Reductions().eval(), torch.randn(1, 9, 12)
+    with torch.no_grad():
+        exported = torch.export.export(model, (x,))
+        counts = et.delegatable_reductions(exported)
+        assert counts == {"split": 1, "split_with_sizes": 1, "matmul": 2, "amax": 2, "detach": 2, "sum": 4, "select": 1}
+        targets = {node.target for node in exported.graph_module.graph.nodes if node.op == "call_function"}
+        ops = torch.ops.aten
+        gone = {ops.sum.dim_IntList, ops.amax.default, ops.split.Tensor, ops.select.int, ops.detach.default}
+        assert not gone & targets
+        # max and the slices are exact; mean times n rounds differently from sum
+        assert torch.allclose(exported.module()(x), model(x), rtol=1e-5, atol=1e-5)
+        changed = x.clone()
+        changed[0, 3, 5] += 1.0  # the rewritten graph is a function of its input, not of the example
+        assert torch.allclose(exported.module()(changed), model(changed), rtol=1e-5, atol=1e-5)
 
 
 def test_delegatable_layer_norm_is_the_same_function() -> None:
