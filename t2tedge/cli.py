@@ -172,6 +172,16 @@ def build(
     var: Annotated[
         list[str] | None, typer.Option(help="NAME=VALUE for ${NAME} in the recipe, e.g. --var IMAGENET_VAL=/data/val")
     ] = None,
+    executor: Annotated[
+        str | None,
+        typer.Option(
+            help="where compile and validation tasks run: local, or ray (needs t2tedge[ray]; recipe `executor:`)"
+        ),
+    ] = None,
+    address: Annotated[
+        str | None,
+        typer.Option(help="Ray cluster address host:port for --executor ray (default: RAY_ADDRESS, or a local Ray)"),
+    ] = None,
 ) -> None:
     """Run a recipe: export, compile per target, validate, benchmark, report; reuses artifacts whose hash exists."""
     from t2tedge.errors import RecipeError
@@ -190,6 +200,12 @@ def build(
         loaded = loaded.model_copy(update={"data": loaded.data.model_copy(update={"limit": limit})})
     if not benchmark:
         loaded = loaded.model_copy(update={"benchmark": loaded.benchmark.model_copy(update={"enabled": False})})
+    if executor is not None or address is not None:
+        if executor not in (None, "local", "ray"):
+            raise RecipeError(f"--executor takes local or ray, not {executor!r}")
+        kind = executor or ("ray" if address else loaded.executor.kind)
+        update = {"kind": kind, "address": address or loaded.executor.address}
+        loaded = loaded.model_copy(update={"executor": loaded.executor.model_copy(update=update)})
     rows = Builder(loaded).run()
     table = Table(title=f"{loaded.name}: accuracy on {loaded.data.validation}")
     for column in (
@@ -241,8 +257,11 @@ def validate(
     device: Annotated[
         str | None, typer.Option(help="run it on this registered SSH device (t2tedge device add)")
     ] = None,
+    executor: Annotated[str, typer.Option(help="local, or ray: shards of images as tasks on a Ray cluster")] = "local",
+    address: Annotated[str | None, typer.Option(help="Ray cluster address host:port for --executor ray")] = None,
 ) -> None:
     """Re-validate an existing artifact on another dataset; the result lands in its manifest."""
+    from t2tedge.pipeline.executors import make_executor
     from t2tedge.pipeline.validate import validate_artifact
 
     if device:
@@ -250,7 +269,8 @@ def validate(
 
         result = validate_artifact_remote(artifact, data, device, limit, threads)
     else:
-        result = validate_artifact(artifact, data, limit, threads)
+        with make_executor(executor, address) as runner:
+            result = validate_artifact(artifact, data, limit, threads, runner)
     if "top1" in result:
         out.print(f"{artifact}: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  on {result['images']} images "
                   f"({result['label']}{' on ' + device if device else ''})")  # fmt: skip

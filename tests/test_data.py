@@ -13,6 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
+from t2tedge.calibration import CalibrationSet
+from t2tedge.data.cache import cached_pixels
 from t2tedge.data.datasets import (
     BUNDLED_DIR,
     BundledFashionMNIST,
@@ -73,13 +75,19 @@ def image_folder(tmp_path: Path) -> Path:
 def test_image_folder_scans_all_modes_and_skips_non_images(image_folder: Path) -> None:
     dataset = ImageFolderDataset(image_folder)
     assert dataset.classes == ["a_class", "b_class"]
-    assert len(dataset) == 6
-    assert dataset.skipped == 3
+    # listing reads names, not pixels: notes.txt is skipped there, the two broken .jpg at first decode
+    assert len(dataset) == 8
+    assert dataset.skipped == 1
     assert dataset.labels.dtype == np.int64
-    assert "a_class/nested/cmyk.jpg" in [dataset.key(i) for i in range(len(dataset))]
+    keys = [dataset.key(i) for i in range(len(dataset))]
+    assert "a_class/nested/cmyk.jpg" in keys
     levels = {name: level for name, (_, _, level) in _mode_images().items()}
     transform = build_eval_transform(PRE)
     for index in range(len(dataset)):
+        if keys[index] in ("b_class/garbage.jpg", "b_class/cut.jpg"):
+            with pytest.raises(DatasetError, match=keys[index].split("/")[1]):
+                dataset.load(index)
+            continue
         image, label = dataset.load(index)
         assert image.mode == "RGB"
         assert label == dataset.classes.index(dataset.key(index).split("/")[0])
@@ -94,12 +102,15 @@ def test_image_folder_scans_all_modes_and_skips_non_images(image_folder: Path) -
 
 def test_transformed_dataset_and_select(image_folder: Path) -> None:
     dataset = ImageFolderDataset(image_folder)
-    subset = select(dataset, [3, 1])
-    assert len(subset) == 2 and subset.key(0) == dataset.key(3)
-    assert subset.labels.tolist() == [dataset.labels[3], dataset.labels[1]]
-    assert subset.sample_hash(1) == dataset.sample_hash(1)
+    keys = [dataset.key(i) for i in range(len(dataset))]
+    a, b = keys.index("b_class/gray.png"), keys.index("a_class/rgb.png")
+    subset = select(dataset, [a, b])
+    assert len(subset) == 2 and subset.key(0) == dataset.key(a)
+    assert subset.labels.tolist() == [dataset.labels[a], dataset.labels[b]]
+    assert subset.sample_hash(1) == dataset.sample_hash(b)
+    assert subset.cheap_key(1) == dataset.cheap_key(b) == (image_folder / "a_class" / "rgb.png").stat().st_size
     tensor, label = TransformedDataset(subset, build_eval_transform(PRE))[0]
-    assert tensor.shape == (3, 16, 16) and label == dataset.labels[3]
+    assert tensor.shape == (3, 16, 16) and label == dataset.labels[a]
 
 
 def test_unlabelled_folder(tmp_path: Path) -> None:
@@ -119,8 +130,96 @@ def test_folder_errors(tmp_path: Path) -> None:
     (tmp_path / "junk" / "cls").mkdir(parents=True)
     (tmp_path / "junk" / "cls" / "a.txt").write_text("x")
     (tmp_path / "junk" / "cls" / "b.png").write_bytes(b"not a png")
+    junk = ImageFolderDataset(tmp_path / "junk")  # b.png has an image's name: found out when decoded
+    assert (len(junk), junk.skipped) == (1, 1)
     with pytest.raises(DatasetError, match=r"junk has no readable images \(2 files skipped\)"):
-        ImageFolderDataset(tmp_path / "junk")
+        cached_pixels(junk, np.arange(1), PRE, None, "images")
+    (tmp_path / "texts" / "cls").mkdir(parents=True)
+    (tmp_path / "texts" / "cls" / "a.txt").write_text("x")
+    with pytest.raises(DatasetError, match=r"texts has no readable images \(1 files skipped\)"):
+        ImageFolderDataset(tmp_path / "texts")
+
+
+def test_pixels_skip_what_does_not_decode_and_match_the_transform(image_folder: Path, tmp_path: Path) -> None:
+    dataset = ImageFolderDataset(image_folder)
+    indices = np.arange(len(dataset))
+    keys = [dataset.key(i) for i in indices]
+    good = [i for i, key in enumerate(keys) if key not in ("b_class/garbage.jpg", "b_class/cut.jpg")]
+    expected = np.stack([build_eval_transform(PRE)(dataset.load(i)[0]).numpy() for i in good])
+    cache = tmp_path / "tensors"
+    for run in range(2):  # decoded and written, then read from the cache file
+        pixels, key, cached = cached_pixels(dataset, indices, PRE, cache, "validation images")
+        assert cached == (run == 1)
+        assert pixels.kept.tolist() == good and len(pixels) == len(good)
+        assert sorted(row[1] for row in pixels.skipped) == ["b_class/cut.jpg", "b_class/garbage.jpg"]
+        assert pixels.path is not None and pixels.path.name.startswith(key[:16])
+        # bit for bit the per-image eval transform, read whole or in batches that span a skipped image
+        np.testing.assert_array_equal(pixels.to_array(), expected)
+        np.testing.assert_array_equal(np.concatenate([pixels[i : i + 3] for i in range(0, len(pixels), 3)]), expected)
+        np.testing.assert_array_equal(pixels[-1], expected[-1])  # one image by index, as an array's
+        np.testing.assert_array_equal(np.stack(list(pixels)), expected)
+    in_memory, _, _ = cached_pixels(dataset, indices, PRE, None, "validation images")
+    np.testing.assert_array_equal(in_memory[:], expected)
+    assert in_memory.raw(0, 2).dtype == np.uint8
+    # a cache file cut short is one error line naming it, not garbage
+    with open(pixels.path, "r+b") as fh:
+        fh.truncate(pixels.path.stat().st_size - 10)
+    with pytest.raises(DatasetError, match="shorter than its header"):
+        cached_pixels(dataset, indices, PRE, cache, "validation images")[0].to_array()
+
+
+def test_listing_is_cached_and_revalidated_by_folder_mtimes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("T2TEDGE_LISTING_CACHE", str(tmp_path / "listings"))
+    root = tmp_path / "folder"
+    for cls in ("a", "b"):
+        (root / cls).mkdir(parents=True)
+        for j in range(3):
+            Image.new("L", (8, 8), j).save(root / cls / f"{j}.png")
+    old = 1_600_000_000 * 10**9  # folders last changed long before the scan: the listing may be cached
+    for folder in (root / "a", root / "b", root):
+        os.utime(folder, ns=(old, old))
+    first = ImageFolderDataset(root)
+    assert not first.listing_cached and len(first) == 6
+    second = ImageFolderDataset(root)
+    assert second.listing_cached and [second.key(i) for i in range(6)] == [first.key(i) for i in range(6)]
+    assert second.listing_hash() == first.listing_hash()
+    # a file added: its folder's mtime changes, the cache is not used
+    Image.new("L", (8, 8), 9).save(root / "b" / "new.png")
+    third = ImageFolderDataset(root)
+    assert not third.listing_cached and len(third) == 7 and "b/new.png" in [third.key(i) for i in range(7)]
+    assert third.listing_hash() != first.listing_hash()
+    # freshly changed folders are not cached (an mtime tick could hide a second change)
+    assert not ImageFolderDataset(root).listing_cached
+    # a file rewritten in place keeps the cached listing but still changes the listing hash (fresh stats)
+    for folder in (root / "a", root / "b", root):
+        os.utime(folder, ns=(old, old))
+    before = ImageFolderDataset(root).listing_hash()
+    cached = ImageFolderDataset(root)
+    assert cached.listing_cached
+    Image.new("L", (9, 9), 3).save(root / "a" / "0.png")
+    os.utime(root / "a", ns=(old, old))
+    rewritten = ImageFolderDataset(root)
+    assert rewritten.listing_cached and rewritten.listing_hash() != before
+
+
+def test_overlap_hashes_only_where_cheap_keys_collide(tmp_path: Path) -> None:
+    for split in ("calib", "val"):
+        (tmp_path / split / "c").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (8 + i, 8, 3), dtype=np.uint8)) for i in range(6)]
+    for i in range(4):
+        images[i].save(tmp_path / "calib" / "c" / f"{i}.png")
+    for i in (3, 4, 5):
+        images[i].save(tmp_path / "val" / "c" / f"v{i}.png")  # image 3 is in both
+    calib_ds, val_ds = ImageFolderDataset(tmp_path / "calib"), ImageFolderDataset(tmp_path / "val")
+    plan = CalibrationSet(calib_ds, PRE, np.arange(4), 0, None)
+    hashed: dict[str, list[int]] = {"calib": [], "val": []}
+    for name, dataset in (("calib", calib_ds), ("val", val_ds)):
+        original = dataset.sample_hash
+        dataset.sample_hash = lambda i, original=original, name=name: hashed[name].append(i) or original(i)
+    assert plan.overlap(val_ds, np.arange(3)) == 1
+    # only the files whose sizes match were read (image 3: calibration file 3, validation file 0)
+    assert hashed == {"calib": [3], "val": [0]}
 
 
 def test_truncated_image_fails_at_load_naming_the_file(tmp_path: Path) -> None:

@@ -218,6 +218,13 @@ def test_remote_validate_and_latency_match_local(
     expected = get_target(target).load(Artifact(path), threads=1)(images)
     assert info["transfer"]["uploaded_files"] == 1  # the artifact was cached; only the new tensor file went
     np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5)
+    # validation streams shards: neither side holds more than one, and each is deleted once used
+    five = np.random.default_rng(2).standard_normal((5, 3, SIZE, SIZE)).astype(np.float32)
+    sharded, info = remote_logits("loop", path, five, threads=1, timeout_s=120, shard_images=2)
+    assert info["shards"] == 3 and len(info["transfer"]) == 3
+    local_five = get_target(target).load(Artifact(path), threads=1)(five)
+    np.testing.assert_allclose(sharded, local_five, rtol=1e-5, atol=1e-5)
+    assert not list((tmp_path / "remote").rglob("images.npy"))
 
     record = remote_latency("loop", path, 1, 1, warmup=2, min_iters=20, min_seconds=0.05, timeout_s=120)
     assert record["label"] == "measured" and len(record["seconds"]) >= 20

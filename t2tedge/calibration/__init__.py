@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from t2tedge.data.cache import cached_preprocess, tensor_key
+from t2tedge.data.cache import cached_pixels, tensor_key
 from t2tedge.data.datasets import ImageDataset
 from t2tedge.errors import DatasetError
 from t2tedge.models.spec import Preprocess
@@ -64,15 +64,39 @@ class CalibrationSet:
 
     @property
     def images(self) -> np.ndarray:
+        """The images that decode, as float32; ``indices`` (and ``labels``) then name only those."""
         if self._images is None:
-            self._images, _, self.cached = cached_preprocess(
+            pixels, _, self.cached = cached_pixels(
                 self.dataset, self.indices, self.pre, self.cache_dir, f"{self.what} images"
             )
+            self._images, self.indices = pixels.to_array(), self.indices[pixels.kept]
             log(f"  {self.what}: {'reused cached' if self.cached else 'preprocessed'} {len(self.indices)} images")
         return self._images
 
+    @property
+    def labels(self) -> np.ndarray:
+        """Labels of :attr:`images`, row for row (decodes the images first: unreadable ones are dropped)."""
+        _ = self.images
+        return np.asarray(self.dataset.labels)[self.indices]
+
     def sample_hashes(self) -> set[str]:
         return {self.dataset.sample_hash(int(i)) for i in self.indices}
+
+    def overlap(self, other: ImageDataset, indices: np.ndarray) -> int:
+        """How many distinct images are both in this set and among ``other``'s ``indices``.
+
+        Cheap keys (file sizes) first; contents are hashed only where they collide, so a 50k-image
+        validation set is not read to learn that none of its files is one of 300 calibration images.
+        """
+        mine: dict[object, list[int]] = {}
+        for i in self.indices:
+            mine.setdefault(self.dataset.cheap_key(int(i)), []).append(int(i))
+        candidates = [int(j) for j in indices if other.cheap_key(int(j)) in mine]
+        if not candidates:
+            return 0
+        keys = {other.cheap_key(j) for j in candidates}
+        hashes = {self.dataset.sample_hash(i) for key in keys for i in mine[key]}
+        return len(hashes & {other.sample_hash(j) for j in candidates})
 
     def describe(self) -> dict[str, object]:
         return {"size": len(self.indices), "seed": self.seed, "key": self.key[:16], "cached": self.cached}

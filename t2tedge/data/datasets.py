@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
+import os
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from functools import cached_property
@@ -29,6 +32,7 @@ IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".pnm"}
 )
 FASHION_MNIST = "fashion_mnist"
+RACY_NS = 2_000_000_000  # folders modified less than 2 s before a scan are not cached
 ACCEPTED_SOURCES = (
     "'fashion_mnist', 'fashion_mnist:train', 'fashion_mnist:test', "
     "an existing image folder, or a .csv file list (path,label rows)"
@@ -59,6 +63,24 @@ class ImageDataset(ABC):
     def sample_hash(self, index: int) -> str:
         """sha256 hex of the sample's stored bytes."""
 
+    def encoded(self, index: int) -> bytes:
+        """The sample as bytes :func:`decode_image` turns into the image ``load`` gives, pixel for pixel
+        (a file's own bytes; lossless PNG for array-backed sets): what travels to a remote worker."""
+        image, _ = self.load(index)
+        buffer = io.BytesIO()
+        image.save(buffer, "PNG")
+        return buffer.getvalue()
+
+    def cheap_key(self, index: int) -> object:
+        """A key equal for equal samples that costs no read (a file's size): only samples whose cheap keys
+        collide need :meth:`sample_hash` to tell whether they are the same."""
+        return self.sample_hash(index)
+
+    @property
+    def name(self) -> str:
+        """How error lines name this dataset."""
+        return type(self).__name__
+
     @property
     @abstractmethod
     def labels(self) -> np.ndarray:
@@ -71,25 +93,30 @@ class ImageDataset(ABC):
 class _FileDataset(ImageDataset):
     """Shared part of datasets whose samples are image files."""
 
-    def __init__(self, paths: list[Path], keys: list[str], labels: Sequence[int], classes: list[str]):
-        self.paths = paths
+    def __init__(self, files: list[str], keys: list[str], labels: Sequence[int], classes: list[str]):
+        self.files = files  # path strings: 1.28 M Path objects cost seconds to make
         self.keys = keys
         self._labels = np.asarray(labels, dtype=np.int64)
         self.classes = classes
+        self._sizes: list[int] | None = None
+
+    @property
+    def paths(self) -> list[Path]:
+        return [Path(f) for f in self.files]
 
     def __len__(self) -> int:
-        return len(self.paths)
+        return len(self.files)
 
     def load(self, index: int) -> tuple[Image.Image, int]:
-        path = self.paths[index]
+        return decode_image(self.files[index]), int(self._labels[index])
+
+    def encoded(self, index: int) -> bytes:
+        path = self.files[index]
         try:
-            with Image.open(path) as img:
-                img.load()
-                rgb = to_rgb(img)
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-            # Truncated files pass the cheap scan-time header check and fail here.
-            raise DatasetError(f"cannot read image {path}: {exc}") from None
-        return rgb, int(self._labels[index])
+            with open(path, "rb") as fh:
+                return fh.read()
+        except OSError as exc:
+            raise DatasetError(f"cannot read image {path}: {exc.strerror}") from None
 
     def key(self, index: int) -> str:
         return self.keys[index]
@@ -99,42 +126,151 @@ class _FileDataset(ImageDataset):
         return self._labels
 
     def listing_hash(self) -> str:
+        return self._listing_hash
+
+    @cached_property
+    def _listing_hash(self) -> str:
         # Size + mtime rather than content: hashing a large folder's bytes on every run is too slow.
-        # Stat'ed on each call, so the hash describes the files as they are now.
+        # Stat'ed once per dataset object (a run), so the hash describes the files as they are now.
         digest = hashlib.sha256(json.dumps(self.classes).encode())
-        for path, key, label in zip(self.paths, self.keys, self._labels, strict=True):
+        sizes = []
+        for path, key, label in zip(self.files, self.keys, self._labels, strict=True):
             try:
-                stat = path.stat()
+                stat = os.stat(path)
             except OSError as exc:
                 raise DatasetError(f"cannot stat {path}: {exc.strerror}") from None
+            sizes.append(stat.st_size)
             digest.update(f"\n{key}\t{label}\t{stat.st_size}\t{stat.st_mtime_ns}".encode())
+        self._sizes = sizes
         return digest.hexdigest()
 
     def sample_hash(self, index: int) -> str:
-        return sha256_file(self.paths[index])
+        return sha256_file(Path(self.files[index]))
+
+    def cheap_key(self, index: int) -> object:
+        if self._sizes is None:
+            self._listing_hash  # noqa: B018  (stats every file once, sizes included)
+        return self._sizes[index]
 
 
-def _is_image(path: Path) -> bool:
-    """Cheap check: a known extension and a header PIL can identify (no pixel decoding)."""
-    if path.suffix.lower() not in IMAGE_EXTENSIONS:
-        return False
+def decode_image(source: str | bytes, name: str | None = None) -> Image.Image:
+    """An image file (a path, or its bytes) as 8-bit RGB; one ``DatasetError`` line if it does not decode."""
     try:
-        with Image.open(path):
-            return True
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
-        return False
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
+            img.load()
+            return to_rgb(img)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        # Listing reads no pixels: a corrupt file is found here, when it is first decoded.
+        raise DatasetError(f"cannot read image {name or source}: {exc}") from None
 
 
 def _visible(name: str) -> bool:
     return not name.startswith(".")
 
 
+def listing_cache_dir() -> Path:
+    """Where folder listings are cached: ``$T2TEDGE_LISTING_CACHE``, else the user's cache directory."""
+    configured = os.environ.get("T2TEDGE_LISTING_CACHE")
+    if configured:
+        return Path(configured)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "t2tedge" / "listings"
+
+
+class _FolderListing:
+    """The files under an image folder by name and extension (no file is opened), cached on disk.
+
+    The cache is revalidated by the modification times of every folder in the tree (adding, removing or
+    renaming a file changes its folder's); the files' own sizes and mtimes are read again by
+    ``listing_hash`` each run, so a file rewritten in place still changes every key built on it.
+    """
+
+    VERSION = 1
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.cache = listing_cache_dir() / f"{hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:24]}.json"
+        self.cached = False
+        record = self._read_cache()
+        if record is None:
+            started = time.time_ns()
+            record = self._scan()
+            # a folder changed within the mtime granularity of the scan could change again unseen: cache
+            # only listings whose folders were all last modified well before it (git's racy-entry rule)
+            if max(record["dirs"].values()) < started - RACY_NS:
+                self._write_cache(record)
+        self.classes: list[str] = record["classes"]
+        self.files: list[tuple[str, int]] = record["files"]  # [relative path, label] pairs
+        self.skipped: int = record["skipped"]
+
+    def _scan(self) -> dict:
+        class_dirs = sorted(e.name for e in os.scandir(self.root) if e.is_dir() and _visible(e.name))
+        dirs = {".": os.stat(self.root).st_mtime_ns}
+        files: list[tuple[str, int]] = []
+        skipped = 0
+        if class_dirs:
+            for label, name in enumerate(class_dirs):
+                found, rejected = self._walk(name, dirs)
+                files.extend((rel, label) for rel in found)
+                skipped += rejected
+        else:
+            names = sorted(e.name for e in os.scandir(self.root) if e.is_file() and _visible(e.name))
+            kept = [n for n in names if Path(n).suffix.lower() in IMAGE_EXTENSIONS]
+            files, skipped = [(n, -1) for n in kept], len(names) - len(kept)
+        return {"version": self.VERSION, "classes": class_dirs, "dirs": dirs, "files": files, "skipped": skipped}
+
+    def _walk(self, top: str, dirs: dict[str, int]) -> tuple[list[str], int]:
+        found: list[str] = []
+        rejected = 0
+        pending = [top]
+        while pending:
+            folder = pending.pop()
+            dirs[folder] = os.stat(self.root / folder).st_mtime_ns
+            for entry in os.scandir(self.root / folder):
+                if not _visible(entry.name):
+                    continue
+                rel = f"{folder}/{entry.name}"
+                if entry.is_dir():
+                    pending.append(rel)
+                elif entry.is_file():
+                    if os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS:
+                        found.append(rel)
+                    else:
+                        rejected += 1
+        return sorted(found), rejected
+
+    def _read_cache(self) -> dict | None:
+        try:
+            record = json.loads(self.cache.read_text())
+            if record.get("version") != self.VERSION:
+                return None
+            for folder, mtime in record["dirs"].items():
+                if os.stat(self.root / folder).st_mtime_ns != mtime:
+                    return None
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return None
+        self.cached = True
+        return record
+
+    def _write_cache(self, record: dict) -> None:
+        tmp = self.cache.with_name(f".{self.cache.name}.{os.getpid()}.tmp")
+        try:
+            self.cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps(record, separators=(",", ":")))
+            tmp.replace(self.cache)
+        except OSError:
+            pass  # a read-only cache only costs the next run a scan
+        finally:
+            tmp.unlink(missing_ok=True)
+
+
 class ImageFolderDataset(_FileDataset):
     """Images under ``root``: one subfolder per class (sorted names = class indices), searched
     recursively; or, without subfolders, an unlabelled folder of images (labels -1, no classes).
 
-    Non-image and unreadable files are skipped and counted in ``skipped``; hidden files and folders
-    are ignored. With class subfolders, loose files in ``root`` are ignored (as torchvision does).
+    Listing reads names only: files without an image extension are skipped and counted in ``skipped``;
+    hidden files and folders are ignored; with class subfolders, loose files in ``root`` are ignored (as
+    torchvision does). A file with an image extension that does not decode is found when it is first
+    read: preprocessing skips and counts it (``t2tedge.data.cache``).
     """
 
     def __init__(self, root: str | Path):
@@ -143,31 +279,27 @@ class ImageFolderDataset(_FileDataset):
             raise DatasetError(f"dataset folder {self.root} does not exist")
         if not self.root.is_dir():
             raise DatasetError(f"dataset path {self.root} is not a folder")
-        class_dirs = sorted(p for p in self.root.iterdir() if p.is_dir() and _visible(p.name))
-        if class_dirs:
-            classes = [d.name for d in class_dirs]
-            candidates = [(f, label) for label, d in enumerate(class_dirs) for f in self._files_under(d)]
-        else:
-            classes = []
-            files = sorted(p for p in self.root.iterdir() if p.is_file() and _visible(p.name))
-            candidates = [(f, -1) for f in files]
-        if not candidates:
+        try:
+            listing = _FolderListing(self.root)
+        except OSError as exc:
+            raise DatasetError(f"cannot list dataset folder {self.root}: {exc.strerror}") from None
+        self.skipped = listing.skipped
+        self.listing_cached = listing.cached
+        if not listing.files and not self.skipped:
             raise DatasetError(f"dataset folder {self.root} is empty")
-        kept = [(f, label) for f, label in candidates if _is_image(f)]
-        self.skipped = len(candidates) - len(kept)
-        if not kept:
+        if not listing.files:
             raise DatasetError(f"dataset folder {self.root} has no readable images ({self.skipped} files skipped)")
+        base = f"{self.root}{os.sep}"
         super().__init__(
-            paths=[f for f, _ in kept],
-            keys=[f.relative_to(self.root).as_posix() for f, _ in kept],
-            labels=[label for _, label in kept],
-            classes=classes,
+            files=[base + rel for rel, _ in listing.files],
+            keys=[rel for rel, _ in listing.files],
+            labels=[label for _, label in listing.files],
+            classes=listing.classes,
         )
 
-    def _files_under(self, folder: Path) -> list[Path]:
-        return sorted(
-            p for p in folder.rglob("*") if p.is_file() and all(_visible(part) for part in p.relative_to(folder).parts)
-        )
+    @property
+    def name(self) -> str:
+        return f"dataset folder {self.root}"
 
 
 class FileListDataset(_FileDataset):
@@ -211,7 +343,11 @@ class FileListDataset(_FileDataset):
             paths.append(path)
             keys.append(Path(rel).as_posix())
             labels.append(-1 if raw_label is None else self._parse_label(raw_label, class_names, line))
-        super().__init__(paths=paths, keys=keys, labels=labels, classes=class_names)
+        super().__init__(files=[str(p) for p in paths], keys=keys, labels=labels, classes=class_names)
+
+    @property
+    def name(self) -> str:
+        return f"file list {self.csv_path}"
 
     def _infer_classes(self, rows: list[tuple[int, str, str | None]]) -> list[str]:
         raw = [(line, label) for line, _, label in rows if label is not None]
@@ -294,6 +430,10 @@ class BundledFashionMNIST(ImageDataset):
     def sample_hash(self, index: int) -> str:
         return hashlib.sha256(self.images[index].tobytes()).hexdigest()
 
+    @property
+    def name(self) -> str:
+        return f"{FASHION_MNIST}:{self.split}"
+
 
 class SubsetDataset(ImageDataset):
     """A view of ``dataset`` restricted to ``indices`` (same classes, keys and hashes)."""
@@ -323,6 +463,16 @@ class SubsetDataset(ImageDataset):
 
     def sample_hash(self, index: int) -> str:
         return self.dataset.sample_hash(int(self.indices[index]))
+
+    def encoded(self, index: int) -> bytes:
+        return self.dataset.encoded(int(self.indices[index]))
+
+    def cheap_key(self, index: int) -> object:
+        return self.dataset.cheap_key(int(self.indices[index]))
+
+    @property
+    def name(self) -> str:
+        return self.dataset.name
 
 
 def select(dataset: ImageDataset, indices: Sequence[int]) -> SubsetDataset:

@@ -45,10 +45,10 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def build_eval_transform(pre: Preprocess) -> Callable[[Image.Image], torch.Tensor]:
-    """Eval transform for ``pre``: RGB, resize short side, center-crop, scale to [0, 1], normalize.
+def build_pixel_transform(pre: Preprocess) -> Callable[[Image.Image], torch.Tensor]:
+    """The geometric half of the eval transform: RGB, resize short side, center-crop -> uint8 (3, S, S).
 
-    Returns a callable mapping a PIL image to a float32 tensor of shape (3, input_size, input_size).
+    What is cached for large sets (a quarter of float32's bytes); :func:`normalize` finishes it.
     Unknown interpolation names raise ``ValueError`` (the spec or recipe is wrong, not the data).
     """
     try:
@@ -63,6 +63,27 @@ def build_eval_transform(pre: Preprocess) -> Callable[[Image.Image], torch.Tenso
             v2.Resize(pre.resize_size, interpolation=interpolation, antialias=True),
             v2.CenterCrop(pre.input_size),
             v2.PILToTensor(),
+        ]
+    )
+
+
+def normalize(pixels: torch.Tensor, pre: Preprocess) -> torch.Tensor:
+    """uint8 (..., 3, S, S) -> float32 scaled to [0, 1] and normalized: the same ops, in the same order, as
+    the eval transform, so a batch of cached pixels gives the per-image transform's values bit for bit."""
+    scaled = v2.functional.to_dtype(pixels, torch.float32, scale=True)
+    return v2.functional.normalize(scaled, mean=list(pre.mean), std=list(pre.std))
+
+
+def build_eval_transform(pre: Preprocess) -> Callable[[Image.Image], torch.Tensor]:
+    """Eval transform for ``pre``: RGB, resize short side, center-crop, scale to [0, 1], normalize.
+
+    Returns a callable mapping a PIL image to a float32 tensor of shape (3, input_size, input_size).
+    Unknown interpolation names raise ``ValueError`` (the spec or recipe is wrong, not the data).
+    """
+    pixels = build_pixel_transform(pre)
+    return v2.Compose(
+        [
+            pixels,
             v2.ToDtype(torch.float32, scale=True),
             v2.Normalize(mean=list(pre.mean), std=list(pre.std)),
         ]

@@ -3,7 +3,7 @@
 On the device everything lives under its work directory::
 
     artifacts/<hash16>/...    the files an artifact's target needs (hash16: of their names and sha256s)
-    data/<sha16>/images.npy   preprocessed validation tensors
+    data/<sha16>/images.npy   a shard of preprocessed validation tensors (deleted once its logits are back)
     engines/                  TensorRT engines built there, keyed by ONNX sha256, TensorRT version and GPU
     incoming/<id>/            uploads in flight; a file moves into place only after its sha256 matched
     run/<id>.pid              the pid of a running command, so a timed-out one can be killed
@@ -32,11 +32,14 @@ from t2tedge.devices.config import Device, get_device
 from t2tedge.devices.remote_runner import FIXED_BATCH_REASON
 from t2tedge.devices.ssh import DeviceDiskFullError, DeviceError, Ssh, quote_path
 from t2tedge.evaluation.accuracy import MEASURED, UNAVAILABLE, accuracy_report
+from t2tedge.progress import track
 from t2tedge.targets import Target, get_target, list_targets, loader_source, payload_files
 
 RUNNER_SOURCE = Path(__file__).with_name("remote_runner.py").read_bytes()
 # What each target's runner reads from the artifact directory (a directory is sent with all its files).
 INFO_TIMEOUT_S = 60.0
+# images per validation shard sent to a device: 256 at 224 px is 154 MB of float32 (an 8 GB Jetson holds it)
+SHARD_IMAGES = 256
 CHECK_TIMEOUT_S = 120.0
 # Headroom kept free on the device beyond the bytes being uploaded.
 DISK_MARGIN_BYTES = 16 << 20
@@ -253,17 +256,31 @@ def remote_latency(
 
 
 def remote_logits(
-    device_name: str, artifact_dir: Path, images: np.ndarray, threads: int | None, timeout_s: float
+    device_name: str,
+    artifact_dir: Path,
+    images: Any,
+    threads: int | None,
+    timeout_s: float,
+    shard_images: int = SHARD_IMAGES,
 ) -> tuple[np.ndarray | None, dict[str, Any]]:
-    """Logits of ``images`` computed on a device, and a record of how (label, host, runtime, transfer)."""
-    answer = RemoteDevice(get_device(device_name)).execute(
-        Path(artifact_dir), "logits", timeout_s, images=images, threads=threads
-    )
-    info = {"host": answer["host"], "transfer": answer["transfer"]}
-    if "unavailable" in answer:
-        return None, {**info, "label": UNAVAILABLE, "reason": answer["unavailable"], "runtime": {}}
-    logits = np.load(io.BytesIO(base64.b64decode(answer["logits_npy_b64"])))
-    return logits, {**info, "label": MEASURED, "runtime": answer["runtime"]}
+    """Logits of ``images`` (an array or a streamed ``PixelSet``) computed on a device, and how (label,
+    host, runtime, transfer). The images go over in shards of ``shard_images``, each deleted on the device
+    once its logits are back, so neither side holds more than one shard."""
+    remote = RemoteDevice(get_device(device_name))
+    outs: list[np.ndarray] = []
+    transfer: list[dict[str, Any]] = []
+    answer: dict[str, Any] = {}
+    starts = range(0, len(images), shard_images)
+    for start in track(starts, f"validating on {device_name}", total=len(starts)):
+        shard = np.ascontiguousarray(images[start : start + shard_images], dtype=np.float32)
+        answer = remote.execute(Path(artifact_dir), "logits", timeout_s, images=shard, threads=threads, discard=True)
+        transfer.append(answer["transfer"])
+        if "unavailable" in answer:
+            info = {"host": answer["host"], "transfer": answer["transfer"]}
+            return None, {**info, "label": UNAVAILABLE, "reason": answer["unavailable"], "runtime": {}}
+        outs.append(np.load(io.BytesIO(base64.b64decode(answer["logits_npy_b64"]))))
+    info = {"host": answer["host"], "transfer": transfer[0] if len(transfer) == 1 else transfer, "shards": len(outs)}
+    return np.concatenate(outs), {**info, "label": MEASURED, "runtime": answer["runtime"]}
 
 
 def validate_artifact_remote(
@@ -276,8 +293,8 @@ def validate_artifact_remote(
 ) -> dict[str, Any]:
     """Like :func:`t2tedge.pipeline.validate.validate_artifact`, with the artifact run on a device.
 
-    The images are preprocessed here (the model's own transform, the same tensor cache), copied to the
-    device as one tensor file, and the logits come back; the result is stored in the manifest under
+    The images are preprocessed here (the model's own transform, the same tensor cache), streamed to the
+    device in shards, and the logits come back; the result is stored in the manifest under
     ``<tensor key>@<device>`` beside the local validations.
     """
     from t2tedge.pipeline.validate import labelled_images

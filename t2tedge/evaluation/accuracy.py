@@ -18,30 +18,57 @@ MEASURED, EMULATED, UNAVAILABLE = "measured", "emulated", "unavailable"
 FAILED = "failed"
 
 
-def run_batched(runner: Callable[[np.ndarray], np.ndarray], images: np.ndarray, batch_size: int = 32) -> np.ndarray:
-    """Logits for all images, fed in batches with a progress bar."""
+# rows per step of the metrics: 50k x 1000 logits would otherwise make int64 temporaries of 400 MB
+CHUNK_ROWS = 4096
+
+
+def run_batched(runner: Callable[[np.ndarray], np.ndarray], images: Any, batch_size: int = 32) -> np.ndarray:
+    """Logits for all images (an array or a streamed ``PixelSet``), fed in batches with a progress bar,
+    written into one preallocated array (its only copy)."""
+    out: np.ndarray | None = None
     starts = range(0, len(images), batch_size)
-    outs = [runner(images[i : i + batch_size]) for i in track(starts, "validating", total=len(starts))]
-    return np.concatenate(outs).astype(np.float32)
+    for start in track(starts, "validating", total=len(starts)):
+        logits = np.asarray(runner(images[start : start + batch_size]), dtype=np.float32)
+        if out is None:
+            out = np.empty((len(images), *logits.shape[1:]), dtype=np.float32)
+        out[start : start + len(logits)] = logits
+    return out if out is not None else np.zeros((0, 0), dtype=np.float32)
+
+
+def _chunks(n: int) -> range:
+    return range(0, n, CHUNK_ROWS)
 
 
 def topk_accuracy(logits: np.ndarray, labels: np.ndarray, k: int) -> float:
     """Percent of samples whose label is among the k highest logits."""
     k = min(k, logits.shape[1])
-    top = np.argpartition(-logits, k - 1, axis=1)[:, :k]
-    return float(100.0 * (top == labels[:, None]).any(axis=1).mean())
+    hits = 0
+    for i in _chunks(len(logits)):
+        top = np.argpartition(-logits[i : i + CHUNK_ROWS], k - 1, axis=1)[:, :k]
+        hits += int((top == labels[i : i + CHUNK_ROWS, None]).any(axis=1).sum())
+    return float(100.0 * hits / len(logits)) if len(logits) else float("nan")
 
 
 def agreement(logits: np.ndarray, reference: np.ndarray) -> dict[str, float]:
     """How closely logits follow the reference: top-1 agreement, abs error, cosine similarity."""
-    diff = np.abs(logits - reference)
-    cos = (logits * reference).sum(1) / (np.linalg.norm(logits, axis=1) * np.linalg.norm(reference, axis=1) + 1e-12)
+    same = err_sum = 0.0
+    err_max, cos_sum, cos_min = 0.0, 0.0, np.inf
+    for i in _chunks(len(logits)):
+        a, b = logits[i : i + CHUNK_ROWS], reference[i : i + CHUNK_ROWS]
+        diff = np.abs(a - b)
+        cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-12)
+        same += float((a.argmax(1) == b.argmax(1)).sum())
+        err_sum += float(diff.sum(dtype=np.float64))
+        err_max = max(err_max, float(diff.max()))
+        cos_sum += float(cos.sum(dtype=np.float64))
+        cos_min = min(cos_min, float(cos.min()))
+    n = len(logits)
     return {
-        "top1_agreement": float(100.0 * (logits.argmax(1) == reference.argmax(1)).mean()),
-        "logit_abs_err_mean": float(diff.mean()),
-        "logit_abs_err_max": float(diff.max()),
-        "cosine_mean": float(cos.mean()),
-        "cosine_min": float(cos.min()),
+        "top1_agreement": float(100.0 * same / n),
+        "logit_abs_err_mean": err_sum / logits.size,
+        "logit_abs_err_max": err_max,
+        "cosine_mean": cos_sum / n,
+        "cosine_min": cos_min,
     }
 
 
@@ -57,7 +84,7 @@ def accuracy_report(
     Non-finite logits make the record a failure (``status: failed`` with the reason) instead: NaN sorts
     unpredictably, so any top-1 computed from them would be a plausible-looking accident.
     """
-    bad = int((~np.isfinite(logits)).any(axis=1).sum())
+    bad = sum(int((~np.isfinite(logits[i : i + CHUNK_ROWS])).any(axis=1).sum()) for i in _chunks(len(logits)))
     if bad:
         failure: dict[str, Any] = {
             "label": label,

@@ -19,17 +19,19 @@ import torch
 
 import t2tedge
 from t2tedge.calibration import CalibrationSet, calibration_set, select_indices
-from t2tedge.data.cache import cached_preprocess, save_array
+from t2tedge.data.cache import PixelSet, cached_pixels, cached_preprocess, save_array
 from t2tedge.data.datasets import ImageDataset, open_dataset
 from t2tedge.errors import CheckpointError, DatasetError, T2tedgeError, TargetUnavailableError
 from t2tedge.evaluation import host as this_host
 from t2tedge.evaluation.host import host_info
 from t2tedge.models import LoadedModel, demo_checkpoint, get_spec, load_model, pretrained_checkpoint
 from t2tedge.models.spec import graph_form
+from t2tedge.pipeline.executors import Executor, Task, make_executor
 from t2tedge.pipeline.export import GRAPH_REVISION, ONNX_FILE, export_onnx, parity, torch_logits
 from t2tedge.pipeline.recipe import ModelEntry, Recipe
-from t2tedge.pipeline.store import Artifact, ArtifactStore, sha256_file, write_json
-from t2tedge.pipeline.validate import run_validation, store_validation, stored_validation
+from t2tedge.pipeline.store import Artifact, ArtifactStore, content_hash, sha256_file, write_json
+from t2tedge.pipeline.tasks import compile_artifact
+from t2tedge.pipeline.validate import run_validation, store_validation, stored_validation, validate_sharded
 from t2tedge.progress import log
 from t2tedge.targets import BuildInputs, check_precision, get_target
 
@@ -96,13 +98,28 @@ class ModelContext:
 
 @dataclass
 class ValidationSet:
-    """Preprocessed validation images with labels and the model's FP32 PyTorch logits."""
+    """Validation images (streamed from the tensor cache) with labels and the model's FP32 PyTorch logits."""
 
-    images: np.ndarray
+    images: PixelSet
     labels: np.ndarray
     reference: np.ndarray
     key: str
     indices: np.ndarray
+    dataset: ImageDataset
+
+
+@dataclass
+class Plan:
+    """One model x target x precision cell before it is built: what its artifact's key is made of."""
+
+    target: str
+    precision: str
+    config: Any
+    inputs: dict[str, Any]
+    key: str
+    calib: CalibrationSet | None
+    heldout: CalibrationSet | None
+    tuning: np.ndarray | None
 
 
 @dataclass
@@ -125,8 +142,9 @@ class BuildRow:
 class Builder:
     """Runs a recipe against an artifact store."""
 
-    def __init__(self, recipe: Recipe) -> None:
+    def __init__(self, recipe: Recipe, executor: Executor | None = None) -> None:
         self.recipe = recipe
+        self.executor = executor  # None: the recipe's (local unless `executor.kind: ray`), made by run()
         self.store = ArtifactStore(recipe.output_dir)
         self.cache_dir = Path(recipe.output_dir) / ".cache"
         self.overlaps: dict[str, int] = {}
@@ -149,7 +167,25 @@ class Builder:
             get_spec(entry.name)
 
     def run(self) -> list[BuildRow]:
+        if self.executor is not None:
+            return self._run()
+        cfg = self.recipe.executor
+        with make_executor(cfg.kind, cfg.address, cfg.retries) as executor:
+            self.executor = executor
+            try:
+                return self._run()
+            finally:
+                self.executor = None
+
+    def _task_resources(self, target_name: str) -> dict[str, float]:
+        return {"CPU": 1.0, **self.recipe.executor.resources.get(target_name, {})}
+
+    def _run(self) -> list[BuildRow]:
         rows: list[BuildRow] = []
+        # every resource the recipe names must exist on the cluster before any work starts
+        self.executor.require(
+            [Task(len, label=f"{name} tasks", resources=self._task_resources(name)) for name in self.recipe.targets]
+        )
         validation = open_dataset(self.recipe.data.validation)
         if (validation.labels < 0).all():
             raise DatasetError(
@@ -163,10 +199,16 @@ class Builder:
             val = self._validation_set(ctx, exported, validation)
             calib = self._calibration_set(ctx, calibration_source, validation, val)
             self.model_facts[entry.name] = self._model_facts(ctx, val)
-            for target_name in self.recipe.targets:
-                target = get_target(target_name)
-                for precision in [p for p in self.recipe.precisions if p in target.precisions]:
-                    rows.append(self.build_one(ctx, exported, target_name, precision, val, calib))
+            cells = [
+                (target_name, precision)
+                for target_name in self.recipe.targets
+                for precision in self.recipe.precisions
+                if precision in get_target(target_name).precisions
+            ]
+            if self.executor.name == "local":
+                rows.extend(self.build_one(ctx, exported, name, precision, val, calib) for name, precision in cells)
+            else:
+                rows.extend(self._build_distributed(ctx, exported, cells, val, calib))
         if self.recipe.benchmark.enabled:
             self.benchmark(rows)
         self.summary_path = self._write_summary(rows)
@@ -288,7 +330,7 @@ class Builder:
         calib = calibration_set(
             source, ctx.loaded.preprocess, cfg.size, cfg.seed, self.cache_dir / "tensors", cfg.allow_fewer
         )
-        overlap = len(calib.sample_hashes() & {validation.sample_hash(int(i)) for i in val.indices})
+        overlap = calib.overlap(validation, val.indices)
         if overlap and not self.recipe.data.allow_overlap:
             raise DatasetError(
                 f"{overlap} calibration images also appear in the validation set "
@@ -301,7 +343,7 @@ class Builder:
 
     def _tuning_set(self, heldout: CalibrationSet | None) -> np.ndarray:
         """Which held-out images (up to ``accuracy_subset``, class-balanced) accuracy-aware search scores on."""
-        labels = heldout.dataset.labels[heldout.indices] if heldout is not None else np.zeros(0, dtype=np.int64)
+        labels = heldout.labels if heldout is not None else np.zeros(0, dtype=np.int64)
         if heldout is None or (labels < 0).any():
             raise T2tedgeError(
                 "quantization.max_accuracy_drop needs labelled held-out images: set calibration.heldout > 0 "
@@ -315,9 +357,10 @@ class Builder:
         indices = (
             select_indices(validation.labels, limit, seed=0) if limit else np.arange(len(validation), dtype=np.int64)
         )
-        images, key, _ = cached_preprocess(
+        images, key, _ = cached_pixels(
             validation, indices, ctx.loaded.preprocess, self.cache_dir / "tensors", "validation images"
         )
+        indices = indices[images.kept]  # the images that decode
         ref_path = self.cache_dir / "reference" / f"{exported.manifest['hash'][:16]}-{key[:16]}.npy"
         if ref_path.is_file():
             reference = np.load(ref_path)
@@ -325,7 +368,7 @@ class Builder:
             torch.set_num_threads(self.recipe.threads or torch.get_num_threads())
             reference = torch_logits(ctx.loaded.model, images)
             save_array(ref_path, reference)
-        return ValidationSet(images, validation.labels[indices], reference, key, indices)
+        return ValidationSet(images, validation.labels[indices], reference, key, indices, validation)
 
     def build_one(
         self,
@@ -342,34 +385,124 @@ class Builder:
         name = ctx.loaded.spec.name
         if not availability.can_build:
             raise TargetUnavailableError(f"{target_name} cannot build here: {availability.reason}")
+        plan = self._plan(ctx, exported, target_name, precision, calib)
+        needs_calibration = plan.calib is not None
+        started = time.perf_counter()
+        with self.store.build(name, target_name, precision, plan.inputs) as job:
+            reused = job.done
+            if not job.done:
+                build_inputs = self._build_inputs(ctx, exported, plan.calib, plan.heldout, plan.tuning)
+                facts = target.build(build_inputs, precision, plan.config, job.dir)
+                job.manifest.update(
+                    self._manifest_facts(ctx, target, plan.inputs, facts, calib, plan.heldout, plan.tuning)
+                )
+        artifact = job.artifact
+        build_seconds = round(time.perf_counter() - started, 2)
+        accuracy = stored_validation(artifact, val.key[:16])  # only this host's: precision defaults differ
+        if accuracy is None:
+            accuracy = run_validation(target, artifact, val.images, val.labels, val.reference, self.recipe.threads)
+            self._record_validation(artifact, accuracy, name, needs_calibration, val)
+        self._log_row(target_name, precision, reused, artifact, accuracy)
+        return BuildRow(name, target_name, precision, str(artifact.path), reused, accuracy, build_seconds)
+
+    def _build_distributed(
+        self,
+        ctx: ModelContext,
+        exported: Artifact,
+        cells: list[tuple[str, str]],
+        val: ValidationSet,
+        calib: CalibrationSet,
+    ) -> list[BuildRow]:
+        """``build_one`` for every cell of a model, as executor tasks: the missing artifacts compile on
+        workers and come back as files the store commits here; then each is validated in shards."""
+        name = ctx.loaded.spec.name
+        plans = [self._plan(ctx, exported, target_name, precision, calib) for target_name, precision in cells]
+        todo = [plan for plan in plans if self.store.find(name, plan.target, plan.precision, plan.key) is None]
+        tasks = [
+            Task(
+                compile_artifact,
+                (
+                    plan.target,
+                    self._build_inputs(ctx, exported, plan.calib, plan.heldout, plan.tuning),
+                    plan.precision,
+                    plan.config,
+                ),
+                label=f"compile {name}/{plan.target}/{plan.precision}",
+                resources=self._task_resources(plan.target),
+            )  # fmt: skip
+            for plan in todo
+        ]
+        built = dict(zip((id(plan) for plan in todo), self.executor.run(tasks, f"compiling {name}"), strict=True))
+        rows = []
+        for plan in plans:
+            target = get_target(plan.target)
+            seconds = 0.0
+            with self.store.build(name, plan.target, plan.precision, plan.inputs) as job:
+                reused = job.done
+                if not job.done:
+                    if id(plan) not in built:  # it existed when planned and was removed since: build it here
+                        inputs = self._build_inputs(ctx, exported, plan.calib, plan.heldout, plan.tuning)
+                        built[id(plan)] = compile_artifact(plan.target, inputs, plan.precision, plan.config)
+                    facts, files, seconds = built[id(plan)]
+                    for relative, data in files.items():
+                        (job.dir / relative).parent.mkdir(parents=True, exist_ok=True)
+                        (job.dir / relative).write_bytes(data)
+                    job.manifest.update(
+                        self._manifest_facts(ctx, target, plan.inputs, facts, calib, plan.heldout, plan.tuning)
+                    )
+            artifact = job.artifact
+            accuracy = stored_validation(artifact, val.key[:16])
+            if accuracy is None:
+                accuracy = validate_sharded(
+                    self.executor,
+                    target,
+                    artifact,
+                    val.images,
+                    val.labels,
+                    val.reference,
+                    self.recipe.threads,
+                    self.recipe.executor.shard_images,
+                    self._task_resources(plan.target),
+                    (val.dataset, val.indices),
+                )
+                self._record_validation(artifact, accuracy, name, target.needs_calibration(plan.precision), val)
+            self._log_row(plan.target, plan.precision, reused, artifact, accuracy)
+            rows.append(
+                BuildRow(name, plan.target, plan.precision, str(artifact.path), reused, accuracy, round(seconds, 2))
+            )
+        return rows
+
+    def _plan(
+        self, ctx: ModelContext, exported: Artifact, target_name: str, precision: str, calib: CalibrationSet
+    ) -> Plan:
+        """What decides one cell's artifact: its key, config and the calibration splits it reads."""
+        target = get_target(target_name)
         needs_calibration = target.needs_calibration(precision)
         heldout = calib.heldout(self.recipe.calibration.heldout) if needs_calibration else None
         quant = self.recipe.quantization
         tuning = self._tuning_set(heldout) if needs_calibration and quant.max_accuracy_drop is not None else None
         config = quant.for_target(target_name)  # the target's own Config, validated when the recipe loaded
         inputs = self._compile_key(ctx, exported, target, precision, config, calib, heldout, tuning)
-        started = time.perf_counter()
-        with self.store.build(name, target_name, precision, inputs) as job:
-            reused = job.done
-            if not job.done:
-                build_inputs = self._build_inputs(ctx, exported, calib if needs_calibration else None, heldout, tuning)
-                facts = target.build(build_inputs, precision, config, job.dir)
-                job.manifest.update(self._manifest_facts(ctx, target, inputs, facts, calib, heldout, tuning))
-        artifact = job.artifact
-        build_seconds = round(time.perf_counter() - started, 2)
-        accuracy = stored_validation(artifact, val.key[:16])  # only this host's: precision defaults differ
-        if accuracy is None:
-            accuracy = run_validation(target, artifact, val.images, val.labels, val.reference, self.recipe.threads)
-            accuracy["dataset"] = self.recipe.data.validation
-            overlap = self.overlaps.get(name, 0)
-            if needs_calibration and overlap:
-                # calibrated on images it is then scored on: marked in the manifest, summary and report
-                accuracy["calibration_overlap"] = overlap
-            store_validation(artifact, val.key[:16], accuracy)
+        return Plan(
+            target_name, precision, config, inputs, content_hash(inputs), calib if needs_calibration else None,
+            heldout, tuning,
+        )  # fmt: skip
+
+    def _record_validation(
+        self, artifact: Artifact, accuracy: dict[str, Any], model: str, calibrated: bool, val: ValidationSet
+    ) -> None:
+        accuracy["dataset"] = self.recipe.data.validation
+        overlap = self.overlaps.get(model, 0)
+        if calibrated and overlap:
+            # calibrated on images it is then scored on: marked in the manifest, summary and report
+            accuracy["calibration_overlap"] = overlap
+        store_validation(artifact, val.key[:16], accuracy)
+
+    @staticmethod
+    def _log_row(target_name: str, precision: str, reused: bool, artifact: Artifact, accuracy: dict[str, Any]) -> None:
         verb = "reused" if reused else "built"
         top1 = f"top-1 {accuracy['top1']:.2f}% ({accuracy['label']})" if "top1" in accuracy else accuracy["label"]
         log(f"  {target_name}/{precision}: {verb} {artifact.path}; {top1}")
-        return BuildRow(name, target_name, precision, str(artifact.path), reused, accuracy, build_seconds)
 
     def _compile_key(
         self,
@@ -425,7 +558,7 @@ class Builder:
             return inputs
         inputs.calibration = calib.images
         if heldout is not None:
-            labels = heldout.dataset.labels[heldout.indices]
+            labels = heldout.labels
             # accuracy-aware search scores on (a class-balanced subset of) the held-out split; the
             # validation set is seen only by the final measurement
             chosen = tuning if tuning is not None else slice(None)

@@ -6,7 +6,7 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -109,6 +109,28 @@ class BenchmarkConfig(_Strict):
     efficiency: bool = Field(True, description="measure the host's peak GEMM and report each artifact's share")
 
 
+class ExecutorConfig(_Strict):
+    """``executor:``: where compile and validation tasks run (``t2tedge build --executor`` overrides ``kind``)."""
+
+    kind: Literal["local", "ray"] = Field("local", description="local: this process; ray: tasks on a Ray cluster")
+    address: str | None = Field(None, description="Ray cluster address (host:port); default: RAY_ADDRESS or local")
+    shard_images: int = Field(512, gt=0, multiple_of=32, description="images per validation task (a multiple of 32)")
+    retries: int = Field(2, ge=0, description="re-runs of a task whose worker or node died")
+    resources: dict[str, dict[str, float]] = Field(
+        default_factory=dict,
+        description="Ray resources per target, e.g. {coreml: {mac: 1}}: its tasks run on nodes offering them",
+    )
+
+    @model_validator(mode="after")
+    def _known_targets(self) -> ExecutorConfig:
+        from t2tedge.targets import target_names
+
+        for name in self.resources:
+            if name not in target_names():
+                raise ValueError(f"resources: unknown target {name!r} (targets: {', '.join(target_names())})")
+        return self
+
+
 class Recipe(_Strict):
     name: str = "build"
     output_dir: Path = Path("artifacts")
@@ -121,6 +143,7 @@ class Recipe(_Strict):
     quantization: QuantizationConfig = QuantizationConfig()
     threads: int | None = Field(None, gt=0, description="runtime threads for validation; default: all cores")
     benchmark: BenchmarkConfig = BenchmarkConfig()
+    executor: ExecutorConfig = ExecutorConfig()
 
     @field_validator("models", mode="before")
     @classmethod

@@ -9,21 +9,23 @@ from typing import Any
 import numpy as np
 
 from t2tedge.calibration import select_indices
-from t2tedge.data.cache import cached_preprocess
-from t2tedge.data.datasets import open_dataset
+from t2tedge.data.cache import PixelSet, cached_pixels
+from t2tedge.data.datasets import ImageDataset, open_dataset
 from t2tedge.errors import ArtifactError, DatasetError
 from t2tedge.evaluation import host as this_host
 from t2tedge.evaluation.accuracy import MEASURED, accuracy_report, run_batched, unavailable
 from t2tedge.evaluation.host import host_label
 from t2tedge.models.spec import Preprocess
+from t2tedge.pipeline.executors import Deferred, Executor, Task
 from t2tedge.pipeline.store import Artifact, read_manifest
+from t2tedge.pipeline.tasks import artifact_payload, encoded_samples, shard_logits
 from t2tedge.targets import Target, get_target, load_verified
 
 
 def run_validation(
     target: Target,
     artifact: Artifact,
-    images: np.ndarray,
+    images: np.ndarray | PixelSet,
     labels: np.ndarray,
     reference: np.ndarray | None = None,
     threads: int | None = None,
@@ -37,6 +39,56 @@ def run_validation(
     result = accuracy_report(run_batched(runner, images), labels, runner.label, reference, note=note)
     result["runtime"] = dict(runner.runtime_facts)
     return result
+
+
+def validate_sharded(
+    executor: Executor,
+    target: Target,
+    artifact: Artifact,
+    images: PixelSet,
+    labels: np.ndarray,
+    reference: np.ndarray | None,
+    threads: int | None,
+    shard_images: int,
+    resources: dict[str, float],
+    source: tuple[ImageDataset, np.ndarray] | None = None,
+) -> dict[str, Any]:
+    """:func:`run_validation` as executor tasks: one per shard of ``shard_images`` images, each loading
+    the artifact from its files (shipped once) and returning logits that merge, in order, into the same
+    numbers one pass gives (a shard's batches are the local run's batches).
+
+    With ``source`` (the dataset and the indices of ``images``' rows), a shard carries the samples'
+    stored bytes and the worker decodes them; else it carries the cached uint8 pixels."""
+    availability = target.availability()
+    if not (availability.can_run or availability.can_emulate):
+        return unavailable(availability.reason)
+    payload = executor.share(artifact_payload(artifact.path))
+    threads = threads or max(1, int(resources.get("CPU", 1)))  # a task's runtime uses the CPUs it holds
+    pre = images.pre.to_dict()
+    tasks = [
+        Task(
+            shard_logits,
+            (target.name, payload, _shard(images, source, start, start + shard_images), pre, threads),
+            label=f"validate {artifact.path.parent.name}/{artifact.path.name} images {start}+",
+            resources=resources,
+        )
+        for start in range(0, len(images), shard_images)
+    ]
+    shards = executor.run(tasks, f"validating {artifact.path.name}")
+    first = shards[0]
+    logits = np.concatenate([shard["logits"] for shard in shards])
+    note = (first["emulation"] or "") if first["label"] != MEASURED else ""
+    result = accuracy_report(logits, labels, first["label"], reference, note=note)
+    result["runtime"] = first["runtime"]
+    result["shards"] = {"count": len(shards), "images": shard_images, "executor": executor.name}
+    return result
+
+
+def _shard(images: PixelSet, source: tuple[ImageDataset, np.ndarray] | None, start: int, stop: int) -> Deferred:
+    if source is None:
+        return Deferred(images.raw, start, stop)
+    dataset, indices = source
+    return Deferred(encoded_samples, dataset, indices[start:stop])
 
 
 def stored_validation(artifact: Artifact, key: str) -> dict[str, Any] | None:
@@ -59,8 +111,18 @@ def store_validation(artifact: Artifact, key: str, result: dict[str, Any]) -> No
     artifact.update_manifest(validation=section)
 
 
-def labelled_images(path: str | Path, data: str, limit: int | None = None) -> tuple[np.ndarray, np.ndarray, str]:
+def labelled_images(path: str | Path, data: str, limit: int | None = None) -> tuple[PixelSet, np.ndarray, str]:
+    images, labels, key, _ = labelled_source(path, data, limit)
+    return images, labels, key
+
+
+def labelled_source(
+    path: str | Path, data: str, limit: int | None = None
+) -> tuple[PixelSet, np.ndarray, str, tuple[ImageDataset, np.ndarray]]:
     """The artifact's model transform applied to a labelled dataset: (images, labels, tensor cache key).
+
+    The images stream from the tensor cache batch by batch; images that do not decode are skipped, and
+    the labels are those of the ones kept.
 
     Refuses exports (not compiled artifacts), unlabelled data and datasets with more classes than the model.
     """
@@ -76,10 +138,9 @@ def labelled_images(path: str | Path, data: str, limit: int | None = None) -> tu
     check_classes(io.get("classes") or [], dataset.classes, data)
     indices = select_indices(dataset.labels, limit, seed=0) if limit else np.arange(len(dataset), dtype=np.int64)
     cache = tensor_cache_dir(Path(path), manifest)
-    images, key, _ = cached_preprocess(
-        dataset, indices, Preprocess.from_dict(io["preprocess"]), cache, "validation images"
-    )
-    return images, dataset.labels[indices], key
+    images, key, _ = cached_pixels(dataset, indices, Preprocess.from_dict(io["preprocess"]), cache, "validation images")
+    kept = indices[images.kept]
+    return images, dataset.labels[kept], key, (dataset, kept)
 
 
 def check_classes(model_classes: list[str], dataset_classes: list[str], data: str) -> None:
@@ -114,12 +175,26 @@ def tensor_cache_dir(path: Path, manifest: dict[str, Any]) -> Path:
 
 
 def validate_artifact(
-    path: str | Path, data: str, limit: int | None = None, threads: int | None = None
+    path: str | Path,
+    data: str,
+    limit: int | None = None,
+    threads: int | None = None,
+    executor: Executor | None = None,
+    shard_images: int = 512,
 ) -> dict[str, Any]:
-    """Top-1/top-5 of a built artifact on ``data``; the result is also stored in its manifest."""
-    images, labels, key = labelled_images(path, data, limit)
+    """Top-1/top-5 of a built artifact on ``data``; the result is also stored in its manifest.
+
+    With an executor other than the local one, the images are validated in shards as its tasks."""
+    images, labels, key, source = labelled_source(path, data, limit)
     artifact = Artifact(Path(path))
-    result = run_validation(get_target(artifact.manifest["target"]), artifact, images, labels, None, threads)
+    target = get_target(artifact.manifest["target"])
+    if executor is None or executor.name == "local":
+        result = run_validation(target, artifact, images, labels, None, threads)
+    else:
+        resources = {"CPU": 1.0}
+        result = validate_sharded(
+            executor, target, artifact, images, labels, None, threads, shard_images, resources, source
+        )
     result["dataset"] = data
     store_validation(artifact, key[:16], result)
     return result
