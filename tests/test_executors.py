@@ -307,3 +307,17 @@ def test_ray_executor_starts_a_local_ray_when_given_no_address() -> None:
     assert seen["node_addresses"] == ["127.0.0.1"]
     assert seen["squares"] == [0, 1, 4, 9, 16, 25]
     assert seen["closed"]
+
+
+def test_results_are_copied_out_of_the_object_store() -> None:
+    import numpy as np
+
+    from t2tedge.pipeline.executors import _owned
+
+    pinned = np.arange(6.0)
+    pinned.flags.writeable = False  # how ray.get hands back an array that lives in the object store
+    owned = _owned({"logits": pinned, "rows": [pinned, 3], "label": "measured"})
+    assert owned["logits"].flags.writeable and owned["rows"][0].flags.writeable and owned["rows"][1] == 3
+    np.testing.assert_array_equal(owned["logits"], pinned)
+    mine = np.zeros(2)
+    assert _owned(mine) is mine  # an array the driver owns is not copied
