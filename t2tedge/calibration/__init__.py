@@ -79,9 +79,6 @@ class CalibrationSet:
         _ = self.images
         return np.asarray(self.dataset.labels)[self.indices]
 
-    def sample_hashes(self) -> set[str]:
-        return {self.dataset.sample_hash(int(i)) for i in self.indices}
-
     def overlap(self, other: ImageDataset, indices: np.ndarray) -> int:
         """How many distinct images are both in this set and among ``other``'s ``indices``.
 

@@ -9,6 +9,7 @@ when first read; all of a selection unreadable is one error line.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -112,9 +113,6 @@ class PixelSet:
         """Every kept image as one float32 array (small sets: calibration, parity)."""
         return self[:]
 
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_offset": None}
-
 
 def cached_pixels(
     dataset: ImageDataset,
@@ -154,7 +152,7 @@ def _decode(
     kept: list[int] = []
     skipped: list[list[Any]] = []
     blank = np.zeros(shape[1:], dtype=np.uint8)
-    with open(out, "wb") if out is not None else _nowhere() as fh:
+    with open(out, "wb") if out is not None else contextlib.nullcontext() as fh:
         if fh is not None:
             header = {"descr": "|u1", "fortran_order": False, "shape": shape}
             np.lib.format.write_array_header_2_0(fh, header)
@@ -177,14 +175,6 @@ def _decode(
         first = skipped[0][2]
         log(f"  [yellow]warning:[/] {len(skipped)} of {len(indices)} {description} do not decode, skipped ({first})")
     return array, np.asarray(kept, dtype=np.int64), skipped
-
-
-class _nowhere:  # noqa: N801  (a null context manager yielding None, like open() yields a file)
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def cached_preprocess(

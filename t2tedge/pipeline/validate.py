@@ -35,9 +35,22 @@ def run_validation(
     if not (availability.can_run or availability.can_emulate):
         return unavailable(availability.reason)
     runner = load_verified(target, artifact, threads)
-    note = (runner.emulation or "") if runner.label != MEASURED else ""
-    result = accuracy_report(run_batched(runner, images), labels, runner.label, reference, note=note)
-    result["runtime"] = dict(runner.runtime_facts)
+    logits = run_batched(runner, images)
+    return _report(logits, labels, runner.label, runner.emulation, dict(runner.runtime_facts), reference)
+
+
+def _report(
+    logits: np.ndarray,
+    labels: np.ndarray,
+    label: str,
+    emulation: str | None,
+    runtime: dict[str, Any],
+    reference: np.ndarray | None,
+) -> dict[str, Any]:
+    """The accuracy record of one run: emulated numbers carry how they were emulated, all the runtime."""
+    note = (emulation or "") if label != MEASURED else ""
+    result = accuracy_report(logits, labels, label, reference, note=note)
+    result["runtime"] = runtime
     return result
 
 
@@ -77,9 +90,7 @@ def validate_sharded(
     shards = executor.run(tasks, f"validating {artifact.path.name}")
     first = shards[0]
     logits = np.concatenate([shard["logits"] for shard in shards])
-    note = (first["emulation"] or "") if first["label"] != MEASURED else ""
-    result = accuracy_report(logits, labels, first["label"], reference, note=note)
-    result["runtime"] = first["runtime"]
+    result = _report(logits, labels, first["label"], first["emulation"], first["runtime"], reference)
     result["shards"] = {"count": len(shards), "images": shard_images, "executor": executor.name}
     return result
 
