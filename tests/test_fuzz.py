@@ -24,7 +24,7 @@ import torch
 import yaml
 
 hypothesis = pytest.importorskip("hypothesis", reason="hypothesis (dev extra) is not installed")
-from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import HealthCheck, example, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from t2tedge.errors import CheckpointError, RecipeError  # noqa: E402
@@ -258,6 +258,14 @@ def onnx_graphs(draw: st.DrawFn) -> bytes:
     model=onnx_graphs(),
     ranges=st.none() | st.dictionaries(st.sampled_from(["x", "t0", "t1", "w0"]), st.floats(allow_nan=True), max_size=3),
     fp32=st.sets(st.sampled_from(["x", "t0", "n0"]), max_size=2),
+)
+# found by this test: a pass-through Relu with no input, read by a Conv (the lint looked back through it)
+@example(
+    model=b'\x08\x0e:p\n\x0e\x12\x02t0\x1a\x02n0"\x04Relu\n\x0e\x12\x02t1\x1a\x02n1"\x04Conv\n\x1e\n\x01x\n\x01x'
+    b'\x12\x02t2\x1a\x02n2"\x0eQuantizeLinear\n\n\x1a\x02n3"\x04Conv\n\x11\n\x01x\n\x02t0\x1a\x02n4"\x04Conv\x12'
+    b"\x04fuzzZ\t\n\x01x\x12\x04\n\x02\x08\x01B\x04\n\x00\x10\x01",
+    ranges=None,
+    fp32=set(),
 )
 def test_tensorrt_lint_returns_findings_and_never_raises(model: bytes, ranges: dict | None, fp32: set) -> None:
     with tempfile.TemporaryDirectory() as tmp:

@@ -417,8 +417,8 @@ class _QdqRules:
         if node.op_type == "Concat":
             found = [self._dequantized(i, seen | {tensor}) for i in node.input]
             return found[0] if found and all(found) else None
-        if node.op_type in PASS_THROUGH_OPS:
-            return self._dequantized(node.input[0], seen | {tensor})
+        if node.op_type in PASS_THROUGH_OPS:  # (a malformed one may have no input: then nothing to look back to)
+            return self._dequantized(node.input[0], seen | {tensor}) if node.input else None
         return node if node.op_type == DQ_OP else None
 
     def _readers(self, tensor: str) -> list[tuple[Any, int]]:
