@@ -140,6 +140,22 @@ def test_folder_errors(tmp_path: Path) -> None:
         ImageFolderDataset(tmp_path / "texts")
 
 
+@pytest.mark.parametrize("pre", [PRE, Preprocess(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))])
+def test_normalize_is_the_eval_transform_bit_for_bit_on_every_level(pre: Preprocess) -> None:
+    from t2tedge.data.transforms import normalize
+
+    levels = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    image = Image.fromarray(np.stack([levels, levels[::-1], levels.T], axis=-1))  # every level in every channel
+    exact = Preprocess(16, 16, "nearest", pre.mean, pre.std)  # no resampling: the pixels are the levels
+    expected = build_eval_transform(exact)(image).numpy()
+    pixels = torch.from_numpy(np.asarray(image).transpose(2, 0, 1).copy())
+    got = normalize(pixels[None].expand(2, -1, -1, -1), exact).numpy()  # a batch, from a strided view
+    assert got.dtype == np.float32 and got.shape == (2, 3, 16, 16)
+    assert np.array_equal(got[1].view(np.uint32), expected.view(np.uint32))  # identical bits, not just close
+    with pytest.raises(ValueError, match="uint8 pixels"):
+        normalize(pixels.float(), exact)
+
+
 def test_pixels_skip_what_does_not_decode_and_match_the_transform(image_folder: Path, tmp_path: Path) -> None:
     dataset = ImageFolderDataset(image_folder)
     indices = np.arange(len(dataset))

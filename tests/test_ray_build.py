@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 import torch
+from PIL import Image
 from ray_harness import emit, loopback_cluster, loopback_skip_reason, run_in_loopback
 
 from t2tedge.models import get_spec, save_checkpoint
@@ -64,24 +65,41 @@ def _numbers(rows: list[Any]) -> dict[str, Any]:
 
 
 def _kill_first_compile_worker(found: dict[str, Any], stop: threading.Event) -> None:
-    """SIGKILL the first Ray worker seen compiling (its process title is ``ray::<task label>``)."""
-    while not stop.is_set() and "pid" not in found:
+    """SIGKILL the first Ray worker seen compiling (its process title is ``ray::<task label>``), and note
+    the first word of every task title seen on the way."""
+    found["titles"] = set()
+    while not stop.is_set():
         for pid in filter(str.isdigit, os.listdir("/proc")):
             try:
                 title = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
             except OSError:
                 continue
-            if title.startswith("ray::compile "):  # a worker takes its task's name as its title
+            if title.startswith("ray::") and " " in title:  # a worker takes its task's name as its title
+                found["titles"].add(title.split()[0])
+            if title.startswith("ray::compile ") and "pid" not in found:
                 os.kill(int(pid), signal.SIGKILL)
                 found["pid"] = int(pid)
-                return
         time.sleep(0.02)
+
+
+def _image_folder(root: Path) -> Path:
+    """10 class folders ("0".."9") of 4 PNGs from the bundled set, plus one file that does not decode."""
+    from t2tedge.data.datasets import open_dataset
+
+    images = open_dataset("fashion_mnist:test").images
+    for c in range(10):
+        (root / str(c)).mkdir(parents=True)
+        for j in range(4):
+            Image.fromarray(images[c * 4 + j]).save(root / str(c) / f"{j}.png")
+    (root / "3" / "garbage.png").write_bytes(b"not a png at all")
+    return root
 
 
 def ray_build_scenario(root: str, checkpoint: str) -> None:
     """Runs inside the loopback namespace: the Ray build (one worker killed) and the refused recipe."""
     from t2tedge.errors import T2tedgeError
     from t2tedge.pipeline.executors import RayExecutor
+    from t2tedge.pipeline.validate import validate_artifact
 
     base = Path(root)
     seen: dict[str, Any] = {}
@@ -93,6 +111,7 @@ def ray_build_scenario(root: str, checkpoint: str) -> None:
         rows = Builder(load_recipe(_recipe(base, Path(checkpoint), "ray-store")), executor).run()
         stop.set()
         seen["killed_worker"] = killed.get("pid")
+        seen["titles"] = sorted(killed["titles"])
         seen["files"] = _files(rows)
         seen["numbers"] = _numbers(rows)
         seen["shards"] = [row.accuracy.get("shards") for row in rows]
@@ -100,6 +119,20 @@ def ray_build_scenario(root: str, checkpoint: str) -> None:
         # a second build reuses every artifact and validation
         again = Builder(load_recipe(_recipe(base, Path(checkpoint), "ray-store")), executor).run()
         seen["rerun_reused"] = [row.reused for row in again]
+        seen["tensor_caches"] = sorted(p.name for p in (base / "ray-store" / ".cache" / "tensors").glob("*.npy"))
+        # a folder with an undecodable file: validated on the cluster (nothing decoded here), then locally
+        artifact = rows[1].artifact
+        folder = str(base / "folder")
+        on_ray = validate_artifact(artifact, folder, None, 1, executor, shard_images=32)
+        caches_after_ray = sorted(p.name for p in (base / "ray-store" / ".cache" / "tensors").glob("*.npy"))
+        here = validate_artifact(artifact, folder, None, 1)
+        keep = ("images", "skipped", "top1", "top5")
+        seen["folder"] = {
+            "ray": {k: on_ray.get(k) for k in keep},
+            "local": {k: here.get(k) for k in keep},
+            "ray_shards": on_ray.get("shards"),
+            "decoded_by_driver": caches_after_ray != seen["tensor_caches"],
+        }
         refused = _recipe(base, Path(checkpoint), "refused-store", resources={"onnxruntime": {"mac": 1}})
         try:
             Builder(load_recipe(refused), executor).run()
@@ -123,10 +156,14 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     pre = Preprocess(input_size=32, resize_size=32, interpolation="bilinear")
     save_checkpoint(checkpoint, model, {"model": "t2t_vit_7", "classes": [str(i) for i in range(10)],
                                         "preprocess": pre.to_dict()})  # fmt: skip
+    _image_folder(root / "folder")
     local_rows = Builder(load_recipe(_recipe(root, checkpoint, "local-store"))).run()
+    validation_key = next(iter(json.loads((Path(local_rows[0].artifact) / "manifest.json").read_text())["validation"]))
     script = f"from test_ray_build import ray_build_scenario; ray_build_scenario({str(root)!r}, {str(checkpoint)!r})"
     ray = run_in_loopback(script, timeout=400)
-    return {"local_files": _files(local_rows), "local_numbers": _numbers(local_rows), "ray": ray}
+    local_caches = sorted(p.name for p in (root / "local-store" / ".cache" / "tensors").glob("*.npy"))
+    return {"local_files": _files(local_rows), "local_numbers": _numbers(local_rows), "ray": ray,
+            "local_caches": local_caches, "validation_key": validation_key}  # fmt: skip
 
 
 def test_ray_build_gives_the_local_artifacts_byte_for_byte(built: dict[str, Any]) -> None:
@@ -150,3 +187,21 @@ def test_a_resource_no_node_offers_stops_before_any_work(built: dict[str, Any]) 
     refused = built["ray"]["refused"]
     assert refused is not None and "'mac'" in refused and "no node offers" in refused and "\n" not in refused
     assert built["ray"]["refused_store"] == []  # nothing was exported or built
+
+
+def test_exports_and_the_fp32_reference_run_on_workers_and_the_driver_decodes_no_validation_image(
+    built: dict[str, Any],
+) -> None:
+    assert {"ray::export", "ray::reference", "ray::compile", "ray::validate"} <= set(built["ray"]["titles"])
+    validation_cache = f"{built['validation_key']}.u8.npy"
+    assert validation_cache in built["local_caches"]  # the local executor decodes the validation set here
+    assert validation_cache not in built["ray"]["tensor_caches"]  # on Ray only the workers decoded it
+    assert built["ray"]["tensor_caches"]  # (the calibration and parity images are decoded here)
+
+
+def test_undecodable_files_are_skipped_and_counted_on_workers_as_locally(built: dict[str, Any]) -> None:
+    folder = built["ray"]["folder"]
+    assert folder["local"]["images"] == 40 and folder["local"]["skipped"] == 1
+    assert folder["ray"] == folder["local"]  # the same 40 images, the same numbers
+    assert folder["ray_shards"]["count"] == 2  # 41 files in shards of 32
+    assert not folder["decoded_by_driver"]

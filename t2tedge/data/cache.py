@@ -146,6 +146,19 @@ def _decode(
     dataset: ImageDataset, indices: np.ndarray, pre: Preprocess, description: str, out: Path | None
 ) -> tuple[np.ndarray | None, np.ndarray, list[list[Any]]]:
     """Decode the selection into memory or, streaming, into the ``.npy`` file ``out``."""
+    array, kept, skipped = decode_rows(dataset, indices, pre, description, out)
+    if not len(kept):
+        no_readable_images(dataset, len(skipped))
+    warn_skipped(skipped, len(indices), description)
+    return array, kept, skipped
+
+
+def decode_rows(
+    dataset: Any, indices: np.ndarray, pre: Preprocess, description: str, out: Path | None = None
+) -> tuple[np.ndarray | None, np.ndarray, list[list[Any]]]:
+    """The selection as uint8 pixels (in memory, or streamed into the ``.npy`` file ``out``), the rows
+    that decoded and ``[row, key, reason]`` of those that did not (left blank). ``dataset`` needs only
+    ``load(i)`` and ``key(i)``."""
     transform = build_pixel_transform(pre)
     shape = (len(indices), 3, pre.input_size, pre.input_size)
     array = np.zeros(shape, dtype=np.uint8) if out is None else None
@@ -168,13 +181,20 @@ def _decode(
                 fh.write(np.ascontiguousarray(pixels).tobytes())
             else:
                 array[row] = pixels
-    if not kept:
-        total = len(skipped) + int(getattr(dataset, "skipped", 0))
-        raise DatasetError(f"{dataset.name} has no readable images ({total} files skipped)")
+    return array, np.asarray(kept, dtype=np.int64), skipped
+
+
+def no_readable_images(dataset: Any, skipped: int) -> None:
+    """The one error line of a selection none of whose images decode."""
+    total = skipped + int(getattr(dataset, "skipped", 0))
+    raise DatasetError(f"{dataset.name} has no readable images ({total} files skipped)")
+
+
+def warn_skipped(skipped: list[list[Any]], selected: int, description: str) -> None:
+    """The one warning line of a selection some of whose images do not decode."""
     if skipped:
         first = skipped[0][2]
-        log(f"  [yellow]warning:[/] {len(skipped)} of {len(indices)} {description} do not decode, skipped ({first})")
-    return array, np.asarray(kept, dtype=np.int64), skipped
+        log(f"  [yellow]warning:[/] {len(skipped)} of {selected} {description} do not decode, skipped ({first})")
 
 
 def cached_preprocess(

@@ -19,7 +19,7 @@ import torch
 
 import t2tedge
 from t2tedge.calibration import CalibrationSet, calibration_set, select_indices
-from t2tedge.data.cache import PixelSet, cached_pixels, cached_preprocess, save_array
+from t2tedge.data.cache import PixelSet, cached_pixels, cached_preprocess, save_array, tensor_key
 from t2tedge.data.datasets import ImageDataset, open_dataset
 from t2tedge.errors import CheckpointError, DatasetError, T2tedgeError, TargetUnavailableError
 from t2tedge.evaluation import host as this_host
@@ -27,11 +27,18 @@ from t2tedge.evaluation.host import host_info
 from t2tedge.models import LoadedModel, demo_checkpoint, get_spec, load_model, pretrained_checkpoint
 from t2tedge.models.spec import graph_form
 from t2tedge.pipeline.executors import Executor, Task, make_executor
-from t2tedge.pipeline.export import GRAPH_REVISION, ONNX_FILE, export_onnx, parity, torch_logits
+from t2tedge.pipeline.export import GRAPH_REVISION, ONNX_FILE, REFERENCE_BATCH, torch_logits
 from t2tedge.pipeline.recipe import ModelEntry, Recipe
 from t2tedge.pipeline.store import Artifact, ArtifactStore, content_hash, sha256_file, write_json
-from t2tedge.pipeline.tasks import compile_artifact
-from t2tedge.pipeline.validate import run_validation, store_validation, stored_validation, validate_sharded
+from t2tedge.pipeline.tasks import artifact_payload, compile_artifact, export_model, shard_reference
+from t2tedge.pipeline.validate import (
+    Selection,
+    run_shards,
+    run_validation,
+    store_validation,
+    stored_validation,
+    validate_sharded,
+)
 from t2tedge.progress import log
 from t2tedge.targets import BuildInputs, check_precision, get_target
 
@@ -94,18 +101,24 @@ class ModelContext:
     entry: ModelEntry
     loaded: LoadedModel
     checkpoint_sha256: str | None
+    nonce: int = field(default_factory=time.time_ns)  # random weights' export key: never reused
 
 
 @dataclass
 class ValidationSet:
-    """Validation images (streamed from the tensor cache) with labels and the model's FP32 PyTorch logits."""
+    """Validation images (streamed from the tensor cache; None on a cluster, where workers decode their
+    shards) with labels and the model's FP32 PyTorch logits, for the samples that decode."""
 
-    images: PixelSet
+    images: PixelSet | None
     labels: np.ndarray
     reference: np.ndarray
     key: str
-    indices: np.ndarray
-    dataset: ImageDataset
+    selection: Selection  # which samples (those that decode), before decoding
+    skipped: int = 0  # selected samples that do not decode
+
+    @property
+    def indices(self) -> np.ndarray:
+        return self.selection.indices
 
 
 @dataclass
@@ -177,6 +190,11 @@ class Builder:
             finally:
                 self.executor = None
 
+    @property
+    def _distributed(self) -> bool:
+        """Whether stages run as tasks of a cluster executor (else in this process)."""
+        return self.executor is not None and self.executor.name != "local"
+
     def _task_resources(self, target_name: str) -> dict[str, float]:
         return {"CPU": 1.0, **self.recipe.executor.resources.get(target_name, {})}
 
@@ -192,10 +210,17 @@ class Builder:
                 f"{self.recipe.data.validation} has no labels; validation needs class subfolders or a labelled CSV"
             )
         calibration_source = open_dataset(self.recipe.data.calibration)
-        for entry in self.recipe.models:
-            ctx = self._load(entry)
-            log(f"[bold]{entry.name}[/] ({ctx.loaded.weights}, {ctx.loaded.image_size}px)")
-            exported = self.export(ctx, calibration_source)
+        if self._distributed:  # every model's export at once, as tasks
+            ctxs = [self._load(entry) for entry in self.recipe.models]
+            exports = self._export_all(ctxs, calibration_source)
+        for position, entry in enumerate(self.recipe.models):
+            if not self._distributed:
+                ctx = self._load(entry)
+                log(f"[bold]{entry.name}[/] ({ctx.loaded.weights}, {ctx.loaded.image_size}px)")
+                exported = self.export(ctx, calibration_source)
+            else:
+                ctx, exported = ctxs[position], exports[position]
+                log(f"[bold]{entry.name}[/] ({ctx.loaded.weights}, {ctx.loaded.image_size}px): {exported.path}")
             val = self._validation_set(ctx, exported, validation)
             calib = self._calibration_set(ctx, calibration_source, validation, val)
             self.model_facts[entry.name] = self._model_facts(ctx, val)
@@ -205,7 +230,7 @@ class Builder:
                 for precision in self.recipe.precisions
                 if precision in get_target(target_name).precisions
             ]
-            if self.executor.name == "local":
+            if not self._distributed:
                 rows.extend(self.build_one(ctx, exported, name, precision, val, calib) for name, precision in cells)
             else:
                 rows.extend(self._build_distributed(ctx, exported, cells, val, calib))
@@ -273,6 +298,52 @@ class Builder:
 
     def export(self, ctx: ModelContext, calibration_source: ImageDataset) -> Artifact:
         """Export to ONNX once per (weights, size, export config); check it against PyTorch."""
+        inputs = self._export_inputs(ctx)
+        with self.store.build(ctx.loaded.spec.name, "export", "onnx", inputs) as job:
+            if job.done:
+                log(f"  export: reused {job.final}")
+                return job.artifact
+            cfg = self.recipe.export
+            images = self._parity_images(ctx, calibration_source)
+            files, record, seconds = export_model(ctx.loaded.model, ctx.loaded.image_size, cfg.opset,
+                                                  cfg.dynamic_batch, images)  # fmt: skip
+            self._commit_export(job, ctx, inputs, files, record, seconds)
+        return job.artifact
+
+    def _export_all(self, ctxs: list[ModelContext], calibration_source: ImageDataset) -> list[Artifact]:
+        """``export`` for every model, the missing ones as executor tasks at once."""
+        cfg = self.recipe.export
+        keyed = [(ctx, self._export_inputs(ctx)) for ctx in ctxs]
+        todo = [(ctx, inputs) for ctx, inputs in keyed
+                if self.store.find(ctx.loaded.spec.name, "export", "onnx", content_hash(inputs)) is None]  # fmt: skip
+        tasks = [
+            Task(
+                export_model,
+                (
+                    ctx.loaded.model,
+                    ctx.loaded.image_size,
+                    cfg.opset,
+                    cfg.dynamic_batch,
+                    self._parity_images(ctx, calibration_source),
+                ),
+                label=f"export {ctx.loaded.spec.name}",
+                resources={"CPU": 1.0},
+            )  # fmt: skip
+            for ctx, _ in todo
+        ]
+        made = dict(zip((id(ctx) for ctx, _ in todo), self.executor.run(tasks, "exporting"), strict=True))
+        exported = []
+        for ctx, inputs in keyed:
+            if id(ctx) not in made:
+                exported.append(self.export(ctx, calibration_source))  # reused (or removed since: made here)
+                continue
+            with self.store.build(ctx.loaded.spec.name, "export", "onnx", inputs) as job:
+                if not job.done:
+                    self._commit_export(job, ctx, inputs, *made[id(ctx)])
+            exported.append(job.artifact)
+        return exported
+
+    def _export_inputs(self, ctx: ModelContext) -> dict[str, Any]:
         cfg = self.recipe.export
         loaded = ctx.loaded
         inputs = {
@@ -292,36 +363,40 @@ class Builder:
         }
         if ctx.checkpoint_sha256 is None:
             # Random weights differ per process: never reuse them from the cache.
-            inputs["nonce"] = time.time_ns()
-        with self.store.build(loaded.spec.name, "export", "onnx", inputs) as job:
-            if job.done:
-                log(f"  export: reused {job.final}")
-                return job.artifact
-            started = time.perf_counter()
-            export_onnx(loaded.model, loaded.image_size, job.dir / ONNX_FILE, cfg.opset, cfg.dynamic_batch)
-            indices = select_indices(calibration_source.labels, cfg.parity_images, seed=1)
-            images, _, _ = cached_preprocess(
-                calibration_source, indices, loaded.preprocess, self.cache_dir / "tensors", "parity images"
-            )
-            from t2tedge.calibration.onnx_session import OnnxSession
+            inputs["nonce"] = ctx.nonce
+        return inputs
 
-            onnx_logits = OnnxSession(job.dir / ONNX_FILE)(images)
-            job.manifest.update(
-                {
-                    "config": {
-                        **inputs,
-                        "preprocess": loaded.preprocess.to_dict(),
-                        "classes": loaded.classes,
-                    },
-                    "family": loaded.spec.family,
-                    "weights": loaded.weights,
-                    "parity": parity(torch_logits(loaded.model, images), onnx_logits),
-                    "seconds": round(time.perf_counter() - started, 2),
-                    "tools": {"torch": torch.__version__, "t2tedge": t2tedge.__version__},
-                }
-            )
-            log(f"  export: {job.final} (max |Δlogit| {job.manifest['parity']['logit_abs_err_max']:.2e})")
-        return job.artifact
+    def _parity_images(self, ctx: ModelContext, calibration_source: ImageDataset) -> np.ndarray:
+        indices = select_indices(calibration_source.labels, self.recipe.export.parity_images, seed=1)
+        images, _, _ = cached_preprocess(
+            calibration_source, indices, ctx.loaded.preprocess, self.cache_dir / "tensors", "parity images"
+        )
+        return images
+
+    def _commit_export(
+        self,
+        job: Any,
+        ctx: ModelContext,
+        inputs: dict[str, Any],
+        files: dict[str, bytes],
+        record: dict[str, Any],
+        seconds: float,
+    ) -> None:
+        loaded = ctx.loaded
+        for relative, data in files.items():
+            (job.dir / relative).parent.mkdir(parents=True, exist_ok=True)
+            (job.dir / relative).write_bytes(data)
+        job.manifest.update(
+            {
+                "config": {**inputs, "preprocess": loaded.preprocess.to_dict(), "classes": loaded.classes},
+                "family": loaded.spec.family,
+                "weights": loaded.weights,
+                "parity": record,
+                "seconds": round(seconds, 2),
+                "tools": {"torch": torch.__version__, "t2tedge": t2tedge.__version__},
+            }
+        )
+        log(f"  export: {job.final} (max |Δlogit| {record['logit_abs_err_max']:.2e})")
 
     def _calibration_set(
         self, ctx: ModelContext, source: ImageDataset, validation: ImageDataset, val: ValidationSet
@@ -352,23 +427,62 @@ class Builder:
         return select_indices(labels, self.recipe.quantization.accuracy_subset, seed=0)
 
     def _validation_set(self, ctx: ModelContext, exported: Artifact, validation: ImageDataset) -> ValidationSet:
-        """Preprocessed validation images, labels and FP32 PyTorch logits (cached by content)."""
+        """Preprocessed validation images, labels and FP32 PyTorch logits (cached by content).
+
+        On a cluster nothing is decoded here: the reference is computed in shard tasks that decode their
+        samples, and artifacts are validated the same way."""
         limit = self.recipe.data.limit
         indices = (
             select_indices(validation.labels, limit, seed=0) if limit else np.arange(len(validation), dtype=np.int64)
         )
-        images, key, _ = cached_pixels(
-            validation, indices, ctx.loaded.preprocess, self.cache_dir / "tensors", "validation images"
-        )
+        pre = ctx.loaded.preprocess
+        if self._distributed:
+            return self._sharded_reference(ctx, exported, validation, indices)
+        images, key, _ = cached_pixels(validation, indices, pre, self.cache_dir / "tensors", "validation images")
         indices = indices[images.kept]  # the images that decode
-        ref_path = self.cache_dir / "reference" / f"{exported.manifest['hash'][:16]}-{key[:16]}.npy"
+        ref_path = self._reference_path(exported, key)
         if ref_path.is_file():
             reference = np.load(ref_path)
         else:
             torch.set_num_threads(self.recipe.threads or torch.get_num_threads())
             reference = torch_logits(ctx.loaded.model, images)
             save_array(ref_path, reference)
-        return ValidationSet(images, validation.labels[indices], reference, key, indices, validation)
+        selection = Selection(validation, indices, validation.labels[indices], pre, key)
+        return ValidationSet(images, selection.labels, reference, key, selection, len(images.skipped))
+
+    def _reference_path(self, exported: Artifact, key: str) -> Path:
+        return self.cache_dir / "reference" / f"{exported.manifest['hash'][:16]}-{key[:16]}.npy"
+
+    def _sharded_reference(
+        self, ctx: ModelContext, exported: Artifact, validation: ImageDataset, indices: np.ndarray
+    ) -> ValidationSet:
+        """The FP32 reference as executor tasks; cached with the positions of the samples that decoded."""
+        pre = ctx.loaded.preprocess
+        key = tensor_key(validation, indices, pre)
+        selection = Selection(validation, indices, validation.labels[indices], pre, key)
+        ref_path = self._reference_path(exported, selection.key)
+        kept_path = ref_path.with_suffix(".kept.npy")
+        if ref_path.is_file() and kept_path.is_file():
+            reference, kept = np.load(ref_path), np.load(kept_path)
+        else:
+            model = self.executor.share(ctx.loaded.model)
+            threads = self.recipe.threads or 1
+            # whole batches of the local reference (64), so each sample sees the local run's batches
+            shard = -(-self.recipe.executor.shard_images // REFERENCE_BATCH) * REFERENCE_BATCH
+            shards = run_shards(
+                self.executor,
+                selection,
+                shard,
+                lambda samples: (shard_reference, (model, samples, pre.to_dict(), threads)),
+                f"reference {ctx.loaded.spec.name}",
+                {"CPU": 1.0},
+                f"FP32 reference {ctx.loaded.spec.name}",
+            )
+            reference, kept = shards.logits, shards.kept
+            save_array(kept_path, kept)  # the positions first: a reference on disk always has them
+            save_array(ref_path, reference)
+        selection = dataclasses.replace(selection, indices=indices[kept], labels=selection.labels[kept])
+        return ValidationSet(None, selection.labels, reference, key, selection, len(indices) - len(kept))
 
     def build_one(
         self,
@@ -418,6 +532,7 @@ class Builder:
         name = ctx.loaded.spec.name
         plans = [self._plan(ctx, exported, target_name, precision, calib) for target_name, precision in cells]
         todo = [plan for plan in plans if self.store.find(name, plan.target, plan.precision, plan.key) is None]
+        export_files = self.executor.share(artifact_payload(exported.path)) if todo else None
         tasks = [
             Task(
                 compile_artifact,
@@ -426,6 +541,7 @@ class Builder:
                     self._build_inputs(ctx, exported, plan.calib, plan.heldout, plan.tuning),
                     plan.precision,
                     plan.config,
+                    export_files,
                 ),
                 label=f"compile {name}/{plan.target}/{plan.precision}",
                 resources=self._task_resources(plan.target),
@@ -457,13 +573,11 @@ class Builder:
                     self.executor,
                     target,
                     artifact,
-                    val.images,
-                    val.labels,
+                    val.selection,
                     val.reference,
                     self.recipe.threads,
                     self.recipe.executor.shard_images,
                     self._task_resources(plan.target),
-                    (val.dataset, val.indices),
                 )
                 self._record_validation(artifact, accuracy, name, target.needs_calibration(plan.precision), val)
             self._log_row(plan.target, plan.precision, reused, artifact, accuracy)
@@ -492,6 +606,7 @@ class Builder:
         self, artifact: Artifact, accuracy: dict[str, Any], model: str, calibrated: bool, val: ValidationSet
     ) -> None:
         accuracy["dataset"] = self.recipe.data.validation
+        accuracy["skipped"] = val.skipped
         overlap = self.overlaps.get(model, 0)
         if calibrated and overlap:
             # calibrated on images it is then scored on: marked in the manifest, summary and report

@@ -21,6 +21,7 @@ DEFAULT_OPSET = 18  # the torch.export-based exporter's lowest native opset; has
 # Part of the export stage's cache key: bump when the graph exported for the same weights changes.
 # 2: T2T-ViT soft splits as row gathers (T2TViT.export_form).
 GRAPH_REVISION = 2
+REFERENCE_BATCH = 64  # images per forward of the FP32 reference
 
 
 def export_onnx(
@@ -56,8 +57,9 @@ def export_onnx(
         quiet.setLevel(level)
 
 
-def torch_logits(model: nn.Module, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
-    """FP32 PyTorch logits: the reference every artifact is compared with."""
+def torch_logits(model: nn.Module, images: Any, batch_size: int = REFERENCE_BATCH) -> np.ndarray:
+    """FP32 PyTorch logits (of an array or a streamed ``PixelSet``): the reference every artifact is
+    compared with."""
     out: np.ndarray | None = None
     with torch.inference_mode():
         for i in range(0, len(images), batch_size):

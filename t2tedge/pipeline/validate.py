@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from t2tedge.calibration import select_indices
-from t2tedge.data.cache import PixelSet, cached_pixels
+from t2tedge.data.cache import PixelSet, cached_pixels, no_readable_images, tensor_key, warn_skipped
 from t2tedge.data.datasets import ImageDataset, open_dataset
 from t2tedge.errors import ArtifactError, DatasetError
 from t2tedge.evaluation import host as this_host
@@ -20,6 +22,28 @@ from t2tedge.pipeline.executors import Deferred, Executor, Task
 from t2tedge.pipeline.store import Artifact, read_manifest
 from t2tedge.pipeline.tasks import artifact_payload, encoded_samples, shard_logits
 from t2tedge.targets import Target, get_target, load_verified
+
+
+@dataclass
+class Selection:
+    """Samples of a dataset picked for validation, before anything is decoded: which, their labels, how
+    the model transforms them and the tensor cache key that names the selection."""
+
+    dataset: ImageDataset
+    indices: np.ndarray
+    labels: np.ndarray
+    pre: Preprocess
+    key: str
+
+
+@dataclass
+class Sharded:
+    """Shard results merged: the logits of the samples that decoded, their positions in the selection."""
+
+    logits: np.ndarray
+    kept: np.ndarray
+    skipped: list[list[Any]]
+    parts: list[dict[str, Any]]
 
 
 def run_validation(
@@ -58,48 +82,70 @@ def validate_sharded(
     executor: Executor,
     target: Target,
     artifact: Artifact,
-    images: PixelSet,
-    labels: np.ndarray,
+    selection: Selection,
     reference: np.ndarray | None,
     threads: int | None,
     shard_images: int,
     resources: dict[str, float],
-    source: tuple[ImageDataset, np.ndarray] | None = None,
 ) -> dict[str, Any]:
-    """:func:`run_validation` as executor tasks: one per shard of ``shard_images`` images, each loading
-    the artifact from its files (shipped once) and returning logits that merge, in order, into the same
-    numbers one pass gives (a shard's batches are the local run's batches).
-
-    With ``source`` (the dataset and the indices of ``images``' rows), a shard carries the samples'
-    stored bytes and the worker decodes them; else it carries the cached uint8 pixels."""
+    """:func:`run_validation` as executor tasks: one per shard of ``shard_images`` samples, each carrying
+    the samples' stored bytes; the worker decodes them with the model's pixel transform, loads the
+    artifact from its files (shipped once) and returns the logits of the samples that decode. They merge,
+    in order, into the numbers one local pass gives (a shard's batches are the local run's batches), and
+    undecodable samples are skipped and counted as the local tensor cache does."""
     availability = target.availability()
     if not (availability.can_run or availability.can_emulate):
         return unavailable(availability.reason)
     payload = executor.share(artifact_payload(artifact.path))
     threads = threads or max(1, int(resources.get("CPU", 1)))  # a task's runtime uses the CPUs it holds
-    pre = images.pre.to_dict()
-    tasks = [
-        Task(
-            shard_logits,
-            (target.name, payload, _shard(images, source, start, start + shard_images), pre, threads),
-            label=f"validate {artifact.path.parent.name}/{artifact.path.name} images {start}+",
-            resources=resources,
-        )
-        for start in range(0, len(images), shard_images)
-    ]
-    shards = executor.run(tasks, f"validating {artifact.path.name}")
-    first = shards[0]
-    logits = np.concatenate([shard["logits"] for shard in shards])
-    result = _report(logits, labels, first["label"], first["emulation"], first["runtime"], reference)
-    result["shards"] = {"count": len(shards), "images": shard_images, "executor": executor.name}
+    shards = run_shards(
+        executor,
+        selection,
+        shard_images,
+        lambda samples: (shard_logits, (target.name, payload, samples, selection.pre.to_dict(), threads)),
+        f"validate {artifact.path.parent.name}/{artifact.path.name}",
+        resources,
+        f"validating {artifact.path.name}",
+    )
+    first = next((shard for shard in shards.parts if len(shard["kept"])), shards.parts[0])
+    if reference is not None and len(reference) == len(selection.indices):
+        reference = reference[shards.kept]
+    result = _report(
+        shards.logits, selection.labels[shards.kept], first["label"], first["emulation"], first["runtime"], reference
+    )
+    result["shards"] = {"count": len(shards.parts), "images": shard_images, "executor": executor.name}
+    result["skipped"] = len(shards.skipped)
     return result
 
 
-def _shard(images: PixelSet, source: tuple[ImageDataset, np.ndarray] | None, start: int, stop: int) -> Deferred:
-    if source is None:
-        return Deferred(images.raw, start, stop)
-    dataset, indices = source
-    return Deferred(encoded_samples, dataset, indices[start:stop])
+def run_shards(
+    executor: Executor,
+    selection: Selection,
+    shard_images: int,
+    task: Callable[[Deferred], tuple[Callable[..., dict[str, Any]], tuple[Any, ...]]],
+    label: str,
+    resources: dict[str, float],
+    description: str,
+) -> Sharded:
+    """Run ``task(samples)`` over the selection in shards of ``shard_images`` samples (their bytes are read
+    on the driver as each shard goes out) and merge the shards' ``logits``/``kept``/``skipped`` in order.
+    None decodable is the tensor cache's one error line; some not, its one warning line."""
+    tasks = []
+    for start in range(0, len(selection.indices), shard_images):
+        fn, args = task(Deferred(encoded_samples, selection.dataset, selection.indices[start : start + shard_images]))
+        tasks.append(Task(fn, args, label=f"{label} images {start}+", resources=resources))
+    parts = executor.run(tasks, description)
+    kept: list[np.ndarray] = []
+    skipped: list[list[Any]] = []
+    for start, part in zip(range(0, len(selection.indices), shard_images), parts, strict=True):
+        kept.append(np.asarray(part["kept"], dtype=np.int64) + start)
+        skipped.extend([start + row, key, reason] for row, key, reason in part["skipped"])
+    rows = np.concatenate(kept) if kept else np.zeros(0, dtype=np.int64)
+    if not len(rows):
+        no_readable_images(selection.dataset, len(skipped))
+    warn_skipped(skipped, len(selection.indices), "validation images")
+    logits = np.concatenate([part["logits"] for part in parts if len(part["kept"])])
+    return Sharded(logits, rows, skipped, parts)
 
 
 def stored_validation(artifact: Artifact, key: str) -> dict[str, Any] | None:
@@ -123,17 +169,18 @@ def store_validation(artifact: Artifact, key: str, result: dict[str, Any]) -> No
 
 
 def labelled_images(path: str | Path, data: str, limit: int | None = None) -> tuple[PixelSet, np.ndarray, str]:
-    images, labels, key, _ = labelled_source(path, data, limit)
-    return images, labels, key
-
-
-def labelled_source(
-    path: str | Path, data: str, limit: int | None = None
-) -> tuple[PixelSet, np.ndarray, str, tuple[ImageDataset, np.ndarray]]:
     """The artifact's model transform applied to a labelled dataset: (images, labels, tensor cache key).
 
     The images stream from the tensor cache batch by batch; images that do not decode are skipped, and
-    the labels are those of the ones kept.
+    the labels are those of the ones kept."""
+    selection = labelled_selection(path, data, limit)
+    cache = tensor_cache_dir(Path(path), read_manifest(path))
+    images, key, _ = cached_pixels(selection.dataset, selection.indices, selection.pre, cache, "validation images")
+    return images, selection.labels[images.kept], key
+
+
+def labelled_selection(path: str | Path, data: str, limit: int | None = None) -> Selection:
+    """Which samples of a labelled dataset validate an artifact (nothing decoded yet).
 
     Refuses exports (not compiled artifacts), unlabelled data and datasets with more classes than the model.
     """
@@ -148,10 +195,8 @@ def labelled_source(
         raise DatasetError(f"{data} has {len(dataset.classes)} classes but the model predicts {io['num_classes']}")
     check_classes(io.get("classes") or [], dataset.classes, data)
     indices = select_indices(dataset.labels, limit, seed=0) if limit else np.arange(len(dataset), dtype=np.int64)
-    cache = tensor_cache_dir(Path(path), manifest)
-    images, key, _ = cached_pixels(dataset, indices, Preprocess.from_dict(io["preprocess"]), cache, "validation images")
-    kept = indices[images.kept]
-    return images, dataset.labels[kept], key, (dataset, kept)
+    pre = Preprocess.from_dict(io["preprocess"])
+    return Selection(dataset, indices, dataset.labels[indices], pre, tensor_key(dataset, indices, pre))
 
 
 def check_classes(model_classes: list[str], dataset_classes: list[str], data: str) -> None:
@@ -196,16 +241,16 @@ def validate_artifact(
     """Top-1/top-5 of a built artifact on ``data``; the result is also stored in its manifest.
 
     With an executor other than the local one, the images are validated in shards as its tasks."""
-    images, labels, key, source = labelled_source(path, data, limit)
     artifact = Artifact(Path(path))
     target = get_target(artifact.manifest["target"])
     if executor is None or executor.name == "local":
+        images, labels, key = labelled_images(path, data, limit)
         result = run_validation(target, artifact, images, labels, None, threads)
-    else:
-        resources = {"CPU": 1.0}
-        result = validate_sharded(
-            executor, target, artifact, images, labels, None, threads, shard_images, resources, source
-        )
+        result["skipped"] = len(images.skipped)
+    else:  # nothing is decoded here: the workers decode their shards
+        selection = labelled_selection(path, data, limit)
+        key = selection.key
+        result = validate_sharded(executor, target, artifact, selection, None, threads, shard_images, {"CPU": 1.0})
     result["dataset"] = data
     store_validation(artifact, key[:16], result)
     return result
