@@ -182,20 +182,18 @@ def build(
         str | None,
         typer.Option(help="Ray cluster address host:port for --executor ray (default: RAY_ADDRESS, or a local Ray)"),
     ] = None,
+    tuned: Annotated[
+        Path | None,
+        typer.Option(help="tuned placements (written by `t2tedge tune`; recipe `tuned:`) to apply"),
+    ] = None,
 ) -> None:
     """Run a recipe: export, compile per target, validate, benchmark, report; reuses artifacts whose hash exists."""
     from t2tedge.errors import RecipeError
     from t2tedge.pipeline.build import Builder
     from t2tedge.pipeline.recipe import load_recipe
 
-    overrides = {"output_dir": output_dir, "targets": target or None, "precisions": precision or None}
-    variables = {}
-    for item in var or []:
-        name, sep, value = item.partition("=")
-        if not sep or not name:
-            raise RecipeError(f"--var takes NAME=VALUE, got {item!r}")
-        variables[name] = value
-    loaded = load_recipe(recipe, overrides, variables)
+    overrides = {"output_dir": output_dir, "targets": target or None, "precisions": precision or None, "tuned": tuned}
+    loaded = load_recipe(recipe, overrides, _variables(var))
     if limit is not None:
         loaded = loaded.model_copy(update={"data": loaded.data.model_copy(update={"limit": limit})})
     if not benchmark:
@@ -244,6 +242,59 @@ def build(
             f"{first.accuracy['reason']}"
         )
         raise typer.Exit(1)
+
+
+def _variables(var: list[str] | None) -> dict[str, str]:
+    from t2tedge.errors import RecipeError
+
+    variables = {}
+    for item in var or []:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise RecipeError(f"--var takes NAME=VALUE, got {item!r}")
+        variables[name] = value
+    return variables
+
+
+@app.command()
+def tune(
+    recipe: Annotated[str, typer.Argument(help="recipe YAML (its `tune:` section), or the name of a bundled one")],
+    target: Annotated[list[str] | None, typer.Option(help="INT8 target(s) to tune (default: `tune.targets`)")] = None,
+    device: Annotated[
+        str | None, typer.Option(help="time the candidates on this SSH device (see `t2tedge device`); default here")
+    ] = None,
+    output_dir: Annotated[Path | None, typer.Option(help="artifact store (overrides the recipe)")] = None,
+    var: Annotated[list[str] | None, typer.Option(help="NAME=VALUE for ${NAME} in the recipe")] = None,
+) -> None:
+    """Choose INT8 placement per model and target by measured latency and held-out agreement with FP32.
+
+    Writes each Pareto front (JSON and a plot) and the chosen placements under OUTPUT_DIR/tune/; apply
+    them with `t2tedge build RECIPE --tuned OUTPUT_DIR/tune/NAME-tuned.yaml`. A rerun reuses every
+    candidate built, scored and timed on this host.
+    """
+    from t2tedge.pipeline.recipe import load_recipe
+    from t2tedge.pipeline.tune import Tuner
+
+    loaded = load_recipe(recipe, {"output_dir": output_dir}, _variables(var))
+    result = Tuner(loaded, target or None, device).run()
+    table = Table(title=f"{loaded.name}: tuned INT8 placement (held-out agreement with FP32, latency p50)")
+    for column in ("model", "target", "chosen", "agreement %", "ms p50", "x fp32", "front", "points"):
+        table.add_column(column)
+    for front in result["fronts"]:
+        chosen = front["chosen"]
+        fp32 = front["fp32"]["latency_ms_p50"]
+        table.add_row(
+            front["model"],
+            front["target"],
+            chosen["name"] if chosen else "none keeps the rule",
+            f"{chosen['heldout_top1_agreement']:.1f}" if chosen else "-",
+            f"{chosen['latency_ms_p50']:.2f}" if chosen else "-",
+            f"{fp32[-1] / chosen['latency_ms_p50']:.2f}" if chosen and fp32 else "-",
+            str(len(front["front"])),
+            str(len(front["points"])),
+        )
+    out.print(table)
+    out.print(f"tuned placements: {result['tuned']}")
 
 
 @app.command()

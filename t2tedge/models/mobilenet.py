@@ -17,7 +17,7 @@ from torchvision.models import (
     WeightsEnum,
 )
 
-from t2tedge.models.spec import ModelSpec, PaperFacts, Preprocess, register
+from t2tedge.models.spec import ModelSpec, PaperFacts, Preprocess, QuantizationHints, register
 
 
 def _preprocess_of(weights: WeightsEnum) -> Preprocess:
@@ -44,6 +44,12 @@ def _builder(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
     return build
 
 
+# the layer groups `t2tedge tune` places as one choice each: the stem convolution and the classifier
+HINTS = QuantizationHints(
+    groups=(("first layer", ("features.0", "features.0.*")), ("head", ("classifier", "classifier.*")))
+)
+
+
 def _register(name: str, factory: Callable[..., nn.Module], weights: WeightsEnum, classifier_key: str) -> None:
     register(
         ModelSpec(
@@ -54,6 +60,7 @@ def _register(name: str, factory: Callable[..., nn.Module], weights: WeightsEnum
             paper=_paper_of(weights),
             classifier_key=classifier_key,
             pretrained_url=weights.url,
+            quantization=HINTS,
         )
     )
 

@@ -86,12 +86,15 @@ class QuantizationHints:
     them in (NNCF's transformer mode); their Linear layers are still quantized.
     ``fp16_overflow``: module-path globs known to leave FP16's range in their direct form (informational:
     the FP16 range check finds overflow from data either way).
+    ``groups``: ``(name, module-path globs)`` of the layer groups whose INT8 placement is one choice for
+    ``t2tedge tune`` (keep the group float or not); empty: tuning tries only the targets' own knobs.
     """
 
     model_type: str | None = None
     float_modules: tuple[str, ...] = ()
     float_matmul_modules: tuple[str, ...] = ()
     fp16_overflow: tuple[str, ...] = ()
+    groups: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
 
 @dataclass(frozen=True)

@@ -441,7 +441,17 @@ _SOURCE = "Yuan et al. 2021 (arXiv:2101.11986), ImageNet results tables; officia
 
 PREPROCESS = Preprocess.from_crop_pct(224, 0.9, interpolation="bicubic")
 # Every T2T-ViT: NNCF's transformer mode, and the backbone attention's q.k^T / attn.v products out of INT8.
-TRANSFORMER_HINTS = QuantizationHints(model_type="transformer", float_matmul_modules=("blocks.*.attn",))
+# the layer groups `t2tedge tune` places as one choice each (module paths of this file's modules)
+T2T_GROUPS = (
+    ("token layers", ("tokens_to_token.attention?", "tokens_to_token.attention?.*")),
+    ("token projection", ("tokens_to_token.project",)),
+    ("attention", ("blocks.*.attn", "blocks.*.attn.*")),
+    ("mlp", ("blocks.*.mlp", "blocks.*.mlp.*")),
+    ("head", ("head",)),
+)
+TRANSFORMER_HINTS = QuantizationHints(
+    model_type="transformer", float_matmul_modules=("blocks.*.attn",), groups=T2T_GROUPS
+)
 # Performer token layers besides: their kernel math (exp features, normalizer, their products) stays float
 # in full-graph 8-bit quantizers (at 8 bits the demo T2T-ViT-7's w8a8 falls to 10.5 % top-1 with NaN
 # logits), and their MatMuls stay out of NNCF's INT8; the direct form of their kernel overflows FP16.
@@ -450,6 +460,7 @@ PERFORMER_HINTS = QuantizationHints(
     float_modules=("tokens_to_token.attention?",),
     float_matmul_modules=("tokens_to_token.attention?", "blocks.*.attn"),
     fp16_overflow=("tokens_to_token.attention?",),
+    groups=T2T_GROUPS,
 )
 HINTS = PERFORMER_HINTS
 

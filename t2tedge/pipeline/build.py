@@ -31,6 +31,7 @@ from t2tedge.pipeline.export import GRAPH_REVISION, ONNX_FILE, REFERENCE_BATCH, 
 from t2tedge.pipeline.recipe import ModelEntry, Recipe
 from t2tedge.pipeline.store import Artifact, ArtifactStore, content_hash, sha256_file, write_json
 from t2tedge.pipeline.tasks import artifact_payload, compile_artifact, export_model, shard_reference
+from t2tedge.pipeline.tuned import TunedPlacements
 from t2tedge.pipeline.validate import (
     Selection,
     run_shards,
@@ -162,6 +163,7 @@ class Builder:
         self.cache_dir = Path(recipe.output_dir) / ".cache"
         self.overlaps: dict[str, int] = {}
         self.model_facts: dict[str, dict[str, Any]] = {}
+        self.tuned = TunedPlacements.load(recipe.tuned)
         # Fail on bad names before any long work starts.
         targets = [get_target(name) for name in recipe.targets]
         for precision in recipe.precisions:
@@ -502,15 +504,7 @@ class Builder:
         plan = self._plan(ctx, exported, target_name, precision, calib)
         needs_calibration = plan.calib is not None
         started = time.perf_counter()
-        with self.store.build(name, target_name, precision, plan.inputs) as job:
-            reused = job.done
-            if not job.done:
-                build_inputs = self._build_inputs(ctx, exported, plan.calib, plan.heldout, plan.tuning)
-                facts = target.build(build_inputs, precision, plan.config, job.dir)
-                job.manifest.update(
-                    self._manifest_facts(ctx, target, plan.inputs, facts, calib, plan.heldout, plan.tuning)
-                )
-        artifact = job.artifact
+        artifact, reused = self.compile(ctx, exported, plan, calib)
         build_seconds = round(time.perf_counter() - started, 2)
         accuracy = stored_validation(artifact, val.key[:16])  # only this host's: precision defaults differ
         if accuracy is None:
@@ -518,6 +512,21 @@ class Builder:
             self._record_validation(artifact, accuracy, name, needs_calibration, val)
         self._log_row(target_name, precision, reused, artifact, accuracy)
         return BuildRow(name, target_name, precision, str(artifact.path), reused, accuracy, build_seconds)
+
+    def compile(
+        self, ctx: ModelContext, exported: Artifact, plan: Plan, calib: CalibrationSet
+    ) -> tuple[Artifact, bool]:
+        """Build (or reuse) the artifact of one planned cell here; returns it and whether it was reused."""
+        target = get_target(plan.target)
+        with self.store.build(ctx.loaded.spec.name, plan.target, plan.precision, plan.inputs) as job:
+            reused = job.done
+            if not job.done:
+                build_inputs = self._build_inputs(ctx, exported, plan.calib, plan.heldout, plan.tuning)
+                facts = target.build(build_inputs, plan.precision, plan.config, job.dir)
+                job.manifest.update(
+                    self._manifest_facts(ctx, target, plan.inputs, facts, calib, plan.heldout, plan.tuning)
+                )
+        return job.artifact, reused
 
     def _build_distributed(
         self,
@@ -587,15 +596,25 @@ class Builder:
         return rows
 
     def _plan(
-        self, ctx: ModelContext, exported: Artifact, target_name: str, precision: str, calib: CalibrationSet
+        self,
+        ctx: ModelContext,
+        exported: Artifact,
+        target_name: str,
+        precision: str,
+        calib: CalibrationSet,
+        config: Any = None,
     ) -> Plan:
-        """What decides one cell's artifact: its key, config and the calibration splits it reads."""
+        """What decides one cell's artifact: its key, config and the calibration splits it reads.
+
+        ``config``: the target's Config to build with; default: the recipe's, with the tuned placement
+        of this model and target over it (``tuned:``, written by ``t2tedge tune``)."""
         target = get_target(target_name)
         needs_calibration = target.needs_calibration(precision)
         heldout = calib.heldout(self.recipe.calibration.heldout) if needs_calibration else None
         quant = self.recipe.quantization
-        tuning = self._tuning_set(heldout) if needs_calibration and quant.max_accuracy_drop is not None else None
-        config = quant.for_target(target_name)  # the target's own Config, validated when the recipe loaded
+        if config is None:
+            config = self.tuned.config(ctx.loaded.spec.name, target_name, quant.for_target(target_name))
+        tuning = self._tuning_set(heldout) if needs_calibration and config.max_accuracy_drop is not None else None
         inputs = self._compile_key(ctx, exported, target, precision, config, calib, heldout, tuning)
         return Plan(
             target_name, precision, config, inputs, content_hash(inputs), calib if needs_calibration else None,

@@ -131,6 +131,31 @@ class ExecutorConfig(_Strict):
         return self
 
 
+class TuneConfig(_Strict):
+    """``tune:``: what ``t2tedge tune`` searches and which point of the front it chooses."""
+
+    targets: list[str] | None = Field(None, description="targets to tune; default: the recipe's targets with int8")
+    heldout: int = Field(
+        500, gt=0, description="images of the calibration source, disjoint from the calibration set, that score points"
+    )
+    max_agreement_drop: float | None = Field(
+        4.0, ge=0, description="points of top-1 agreement with FP32 PyTorch the chosen point may lose (100 - this)"
+    )
+    max_top1_drop: float | None = Field(None, ge=0, description="top-1 points vs FP32 PyTorch it may lose instead")
+    objective: Literal["latency"] = "latency"
+    groups: bool = Field(True, description="try keeping each of the model's layer groups float")
+    knobs: bool = Field(True, description="try each target's own knobs (calibration method, precision hint, ...)")
+    max_candidates: int = Field(24, gt=0, description="at most this many candidates per model and target")
+    seconds: float = Field(3.0, gt=0, description="timing: at least this many seconds per candidate")
+
+    @model_validator(mode="after")
+    def _one_rule(self) -> TuneConfig:
+        if self.max_top1_drop is not None and self.max_agreement_drop is not None:
+            # the recipe's own max_top1_drop replaces the default agreement rule
+            object.__setattr__(self, "max_agreement_drop", None)
+        return self
+
+
 class Recipe(_Strict):
     name: str = "build"
     output_dir: Path = Path("artifacts")
@@ -144,6 +169,8 @@ class Recipe(_Strict):
     threads: int | None = Field(None, gt=0, description="runtime threads for validation; default: all cores")
     benchmark: BenchmarkConfig = BenchmarkConfig()
     executor: ExecutorConfig = ExecutorConfig()
+    tune: TuneConfig = TuneConfig()
+    tuned: Path | None = Field(None, description="tuned placements (written by `t2tedge tune`) that build applies")
 
     @field_validator("models", mode="before")
     @classmethod

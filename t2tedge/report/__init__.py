@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import json
 from pathlib import Path
+from typing import Any
 
 from t2tedge.pipeline.bench import LOCAL
 from t2tedge.pipeline.store import write_json
 from t2tedge.report.collect import ReportData, collect
-from t2tedge.report.markdown import headline_rows, render
+from t2tedge.report.markdown import headline_rows, render, tuning_section
 from t2tedge.report.plots import accuracy_vs_latency, latency_bars
 
 REPORT_DIR = "report"
@@ -40,8 +42,10 @@ def write_report(build_dir: str | Path, out_dir: str | Path | None = None) -> Re
                 plots[f"{name} ({host})"] = file
                 written.append(out / file)
     headline = headline_rows(data)
+    fronts, tuning_plots = _tuning(Path(build_dir), out)
+    written += [out / f for f in tuning_plots.values()]
     markdown = out / "report.md"
-    markdown.write_text(render(data, headline, plots, generated))
+    markdown.write_text(render(data, headline, plots, generated, tuning_section(fronts, tuning_plots)))
     json_path = out / "report.json"
     write_json(
         json_path,
@@ -55,6 +59,25 @@ def write_report(build_dir: str | Path, out_dir: str | Path | None = None) -> Re
             "rows": [dataclasses.asdict(row) for row in data.rows],
             "plots": plots,
             "summaries": [s["path"] for s in data.summaries],
+            "tuning": [{k: f[k] for k in ("model", "target", "front", "chosen", "rule")} for f in fronts],
         },
     )
     return ReportFiles(markdown, json_path, written, headline, data)
+
+
+def _tuning(build_dir: Path, out: Path) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    """The fronts ``t2tedge tune`` wrote under BUILD_DIR/tune, and their plots copied beside the report."""
+    import shutil
+
+    fronts, plots = [], {}
+    for path in sorted((build_dir / "tune").glob("*.json")):
+        front = json.loads(path.read_text())
+        if not isinstance(front, dict) or "points" not in front:
+            continue
+        fronts.append(front)
+        png = path.with_suffix(".png")
+        if png.is_file():
+            name = f"tuning_{png.name}"
+            shutil.copyfile(png, out / name)
+            plots[f"{front['model']}-{front['target']}"] = name
+    return fronts, plots

@@ -198,7 +198,54 @@ def provenance(data: ReportData) -> str:
     return "\n".join(lines)
 
 
-def render(data: ReportData, headline: list[dict[str, Any]], plots: dict[str, str], generated: str) -> str:
+def tuning_section(fronts: list[dict[str, Any]], plots: dict[str, str]) -> list[str]:
+    """``t2tedge tune``'s fronts: every point, the front and the chosen one, with the plot."""
+    if not fronts:
+        return []
+    parts = [
+        "## INT8 placement tuning",
+        "From `t2tedge tune`: each point is an INT8 build, scored against FP32 PyTorch on held-out images of the "
+        "calibration source (never the validation set) and timed on the target runtime (measured, batch 1). "
+        "**front**: no other point is both faster and more faithful; **chosen**: the fastest point that keeps "
+        "the rule, written to the tuned placements `build --tuned` applies.",
+    ]
+    for front in fronts:
+        rule = ", ".join(f"{k} {v}" for k, v in front["rule"].items())
+        chosen = (front.get("chosen") or {}).get("name")
+        fp32 = front["fp32"]["latency_ms_p50"]
+        rows = []
+        for p in sorted(front["points"], key=lambda p: (p["latency_ms_p50"] is None, p["latency_ms_p50"] or 0)):
+            measured = p["latency_ms_p50"] is not None and p["heldout_top1_agreement"] is not None
+            rows.append(
+                [
+                    f"**{p['name']}**" if p["name"] == chosen else p["name"],
+                    f"{p['heldout_top1_agreement']:.1f}" if measured else "-",
+                    f"{p['latency_ms_p50']:.2f}" if measured else p.get("error", "-"),
+                    f"{fp32[-1] / p['latency_ms_p50']:.2f}x" if measured and fp32 else "-",
+                    ("front" if p["on_front"] else "") + (" · chosen" if p["name"] == chosen else ""),
+                ]
+            )
+        host = front["host"].get("processor", "?")
+        parts += [
+            f"### {front['model']} on {front['target']} ({front['image_size']} px, {host})",
+            f"Rule: {rule}; {front['heldout_images']} held-out images; FP32 on this runtime {fp32[-1]:.2f} ms p50."
+            if fp32
+            else f"Rule: {rule}; {front['heldout_images']} held-out images.",
+            table(["point", "agreement %", "ms p50", "vs fp32", ""], rows),
+        ]
+        key = f"{front['model']}-{front['target']}"
+        if key in plots:
+            parts.append(f"![tuning {key}]({plots[key]})")
+    return parts
+
+
+def render(
+    data: ReportData,
+    headline: list[dict[str, Any]],
+    plots: dict[str, str],
+    generated: str,
+    tuning: list[str] | None = None,
+) -> str:
     parts = [
         "# t2tedge report: T2T-ViT vs MobileNet",
         f"Build directory `{data.build_dir}`; generated {generated}. Every number carries its label: "
@@ -216,5 +263,6 @@ def render(data: ReportData, headline: list[dict[str, Any]], plots: dict[str, st
         parts.append("_No measured latency on any host, so no plots._")
     for target in dict.fromkeys(r.target for r in data.rows):
         parts += [f"## {target}", target_table(data, target), *target_notes(data, target)]
+    parts += tuning or []
     parts += ["## Models: counted vs the paper", models_table(data), "## Provenance", provenance(data)]
     return "\n\n".join(parts) + "\n"

@@ -103,6 +103,9 @@ class Capabilities:
     target's own module (a lint, a shipped script, an emulation): they are part of the artifact's key.
     ``peaks``: precision -> the key of the host peak GEMM rate the artifact is measured against, with
     ``{fact}`` placeholders filled from the runner's ``runtime_facts``; a precision absent has no peak.
+    ``tune_knobs``: ``(config key, values)`` of the int8 settings ``t2tedge tune`` tries, one at a time
+    and then combined; ``float_modules`` in the Config (module-path globs kept float) is how it tries
+    the model's layer groups, so a target without that key gets no group choices.
     """
 
     payload: tuple[str, ...]
@@ -111,6 +114,7 @@ class Capabilities:
     device_systems: tuple[str, ...] = ()
     rule_files: tuple[str, ...] = ()
     peaks: Mapping[str, str] = field(default_factory=dict)
+    tune_knobs: tuple[tuple[str, tuple[Any, ...]], ...] = ()
 
 
 def loader_source(capabilities: Capabilities) -> dict[str, str]:

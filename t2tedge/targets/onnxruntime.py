@@ -25,6 +25,9 @@ class OnnxRuntimeConfig(TargetConfig):
     activation_type: Literal["uint8", "int8"] = Field("uint8", description="uint8 = U8S8, the fast form on x86")
     per_channel: bool = True
     exclude_nodes: list[str] = Field(default_factory=list, description="node names kept in FP32")
+    float_modules: list[str] = Field(
+        default_factory=list, description="module-path globs (e.g. 'blocks.*.mlp*') whose Conv/MatMul/Gemm stay FP32"
+    )
 
 
 def device_load(kit, directory, request):  # noqa: ANN001, ANN201  (shipped to devices by source: Python 3.8)
@@ -60,6 +63,11 @@ class OnnxRuntimeTarget:
         device_runtime="onnxruntime",
         device_loader=device_load,
         peaks={"fp32": "onnxruntime/fp32", "int8": "onnxruntime/int8"},
+        tune_knobs=(
+            ("op_types", (["Conv", "MatMul", "Gemm"], ["Conv", "Gemm"])),  # MatMuls INT8, or all of them float
+            ("per_channel", (True, False)),
+            ("method", ("minmax", "percentile")),
+        ),
     )
 
     def availability(self) -> Availability:
@@ -91,8 +99,9 @@ class OnnxRuntimeTarget:
         return DeviceRunner(device_load(remote_runner, str(artifact.path), request))
 
 
-def qdq_settings(config: OnnxRuntimeConfig) -> Any:
-    """ONNX Runtime's Q/DQ settings: U8S8 by default (asymmetric uint8 activations, int8 weights)."""
+def qdq_settings(config: OnnxRuntimeConfig, module_nodes: tuple[str, ...] = ()) -> Any:
+    """ONNX Runtime's Q/DQ settings: U8S8 by default (asymmetric uint8 activations, int8 weights);
+    ``module_nodes``: the nodes of ``float_modules``, kept FP32 with ``exclude_nodes``."""
     from t2tedge.calibration.onnx_qdq import QdqSettings
 
     try:
@@ -102,7 +111,7 @@ def qdq_settings(config: OnnxRuntimeConfig) -> Any:
             op_types=tuple(config.op_types),
             activation_type=config.activation_type,
             per_channel=config.per_channel,
-            nodes_to_exclude=tuple(config.exclude_nodes),
+            nodes_to_exclude=tuple(dict.fromkeys([*config.exclude_nodes, *module_nodes])),
         )
     except ValueError as exc:
         raise T2tedgeError(f"onnxruntime int8: {exc}") from None
@@ -111,10 +120,16 @@ def qdq_settings(config: OnnxRuntimeConfig) -> Any:
 def build_int8(inputs: BuildInputs, config: OnnxRuntimeConfig, out_dir: Path) -> dict[str, Any]:
     """ONNX Runtime's QDQ graph from the recipe's settings, within the accuracy budget when one is set."""
     from t2tedge.calibration.accuracy_aware import quantize_with_budget
+    from t2tedge.calibration.scopes import module_nodes
 
+    kept = tuple(module_nodes(inputs.onnx_path, config.float_modules))
+    if config.float_modules and not kept:
+        raise T2tedgeError(f"onnxruntime int8: float_modules {config.float_modules} match no Conv/MatMul/Gemm node")
     facts = quantize_with_budget(
-        inputs, qdq_settings(config), out_dir / MODEL_FILE, out_dir, "onnxruntime/int8", config.max_accuracy_drop
+        inputs, qdq_settings(config, kept), out_dir / MODEL_FILE, out_dir, "onnxruntime/int8", config.max_accuracy_drop
     )
+    if config.float_modules:
+        facts["float_modules"] = {"globs": list(config.float_modules), "nodes": list(kept)}
     return {"providers": ["CPUExecutionProvider"], **facts}
 
 

@@ -51,6 +51,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from t2tedge.artifact import Artifact, write_json
+from t2tedge.calibration.scopes import QUANTIZABLE_OPS
 from t2tedge.errors import T2tedgeError
 from t2tedge.evaluation.accuracy import topk_accuracy
 from t2tedge.progress import log
@@ -102,6 +103,13 @@ class OpenVinoConfig(TargetConfig):
     )
     fast_bias_correction: bool = True
     ignored_scope: IgnoredScope = IgnoredScope()
+    float_modules: list[str] = Field(
+        default_factory=list, description="module-path globs (e.g. 'blocks.*.mlp*') whose Conv/MatMul/Gemm stay float"
+    )
+    float_matmul_modules: list[str] | None = Field(
+        None,
+        description="module-path globs whose own activation x activation MatMuls stay float; None: the model's hint",
+    )
     inference_precision: Literal["f32", "bf16", "f16"] | None = Field(
         None,
         description="CPU precision hint for fp16/int8 artifacts (fp32 always runs f32); None: plugin default",
@@ -190,6 +198,14 @@ class OpenVinoTarget:
             "fp16": "openvino/{inference_precision_used}",
             "int8": "openvino/int8",
         },
+        tune_knobs=(
+            ("inference_precision", (None, "f32")),  # the float part: the plugin default (bf16 where the ISA has it)
+            ("smooth_quant_alpha", (None, 0.5, 0.95)),
+            ("float_matmul_modules", (None, [])),  # the model's float MatMul hint, or every MatMul INT8
+            ("model_type", ("auto", "cnn")),
+            ("preset", ("performance", "mixed")),
+            ("method", ("minmax", "percentile")),
+        ),
     )
 
     def availability(self) -> Availability:
@@ -262,8 +278,14 @@ def quantization_settings(
     model_type = config.model_type
     transformer = model_type == "transformer" or (model_type == "auto" and inputs.hints.model_type == "transformer")
     scope = config.ignored_scope
-    auto_names = _float_matmuls(inputs.onnx_path, model, inputs.hints.float_matmul_modules)
-    names = sorted(set(scope.names) | set(auto_names))
+    hinted = config.float_matmul_modules
+    auto_names = _float_matmuls(
+        inputs.onnx_path, model, tuple(inputs.hints.float_matmul_modules if hinted is None else hinted)
+    )
+    module_names = _float_matmuls(inputs.onnx_path, model, tuple(config.float_modules), QUANTIZABLE_OPS)
+    if config.float_modules and not module_names:
+        raise T2tedgeError(f"openvino int8: float_modules {config.float_modules} match no Conv/MatMul/Gemm node")
+    names = sorted(set(scope.names) | set(auto_names) | set(module_names))
     types, patterns = list(scope.types), list(scope.patterns)
 
     method = config.method
@@ -295,6 +317,8 @@ def quantization_settings(
         "subset_size": kwargs["subset_size"],
         "ignored_scope": {"names": names, "types": types, "patterns": patterns},
         "ignored_automatically": {"names": auto_names, "why": FLOAT_MATMUL_WHY} if auto_names else {},
+        "float_matmul_modules": "model hint" if hinted is None else list(hinted),
+        "float_modules": {"globs": list(config.float_modules), "names": module_names} if config.float_modules else {},
     }
     if method not in ("minmax", "percentile"):
         record["note"] = f"NNCF offers no {method!r} calibration for OpenVINO; used its min/max default"
@@ -325,41 +349,19 @@ def _activation_ranges(config: OpenVinoConfig) -> tuple[dict[str, Any], str]:
 FLOAT_MATMUL_WHY = "activation x activation MatMuls of the modules the model's hints keep float (float_matmul_modules)"
 
 
-def _float_matmuls(onnx_path: Path, model: Any, patterns: tuple[str, ...]) -> list[str]:
-    """MatMuls that a module matching one of ``patterns`` performs itself (not inside a child Linear).
+def _float_matmuls(
+    onnx_path: Path, model: Any, patterns: tuple[str, ...], op_types: tuple[str, ...] = ("MatMul",)
+) -> list[str]:
+    """MatMuls (or ``op_types``) that a module matching one of ``patterns`` performs itself (not inside a
+    child Linear), among the ops OpenVINO kept.
 
     The exporter records each node's module path (``pkg.torch.onnx.name_scopes``); OpenVINO keeps the
     ONNX node names, so the names found here are the ones NNCF sees.
     """
-    import fnmatch
+    from t2tedge.calibration.scopes import module_nodes
 
-    import onnx
-
-    if not patterns:
-        return []
     present = {op.get_friendly_name() for op in model.get_ordered_ops()}
-    found = []
-    for node in onnx.load(str(onnx_path), load_external_data=False).graph.node:
-        if node.op_type != "MatMul" or node.name not in present:
-            continue
-        owner = _owner_module(node)
-        if owner and any(fnmatch.fnmatchcase(owner, p) for p in patterns):
-            found.append(node.name)
-    return found
-
-
-def _owner_module(node: Any) -> str:
-    """The module path of the module whose own forward made ``node`` ('' where the exporter left none)."""
-    import ast
-
-    for prop in node.metadata_props:
-        if prop.key == "pkg.torch.onnx.name_scopes":  # e.g. "['', 'blocks.0', 'blocks.0.attn', 'matmul']"
-            try:
-                scopes = [m for m in ast.literal_eval(prop.value)[:-1] if m]
-            except (ValueError, SyntaxError):
-                return ""
-            return scopes[-1] if scopes else ""
-    return ""
+    return [name for name in module_nodes(onnx_path, patterns, op_types) if name in present]
 
 
 def quantize(model: Any, inputs: BuildInputs, config: OpenVinoConfig, out_dir: Path) -> tuple[Any, dict[str, Any]]:
