@@ -30,7 +30,7 @@ from t2tedge.pipeline.executors import Executor, Task, make_executor
 from t2tedge.pipeline.export import GRAPH_REVISION, ONNX_FILE, REFERENCE_BATCH, torch_logits
 from t2tedge.pipeline.recipe import ModelEntry, Recipe
 from t2tedge.pipeline.store import Artifact, ArtifactStore, content_hash, sha256_file, write_json
-from t2tedge.pipeline.tasks import artifact_payload, compile_artifact, export_model, shard_reference
+from t2tedge.pipeline.tasks import artifact_payload, compile_artifact, export_model, shard_reference, write_files
 from t2tedge.pipeline.tuned import TunedPlacements
 from t2tedge.pipeline.validate import (
     Selection,
@@ -385,9 +385,7 @@ class Builder:
         seconds: float,
     ) -> None:
         loaded = ctx.loaded
-        for relative, data in files.items():
-            (job.dir / relative).parent.mkdir(parents=True, exist_ok=True)
-            (job.dir / relative).write_bytes(data)
+        write_files(job.dir, files)
         job.manifest.update(
             {
                 "config": {**inputs, "preprocess": loaded.preprocess.to_dict(), "classes": loaded.classes},
@@ -569,9 +567,7 @@ class Builder:
                         inputs = self._build_inputs(ctx, exported, plan.calib, plan.heldout, plan.tuning)
                         built[id(plan)] = compile_artifact(plan.target, inputs, plan.precision, plan.config)
                     facts, files, seconds = built[id(plan)]
-                    for relative, data in files.items():
-                        (job.dir / relative).parent.mkdir(parents=True, exist_ok=True)
-                        (job.dir / relative).write_bytes(data)
+                    write_files(job.dir, files)
                     job.manifest.update(
                         self._manifest_facts(ctx, target, plan.inputs, facts, calib, plan.heldout, plan.tuning)
                     )

@@ -46,7 +46,7 @@ def compile_artifact(
         out = Path(tmp) / "out"
         out.mkdir()
         if export_files is not None:
-            _write_files(Path(tmp) / EXPORT_DIR, export_files)
+            write_files(Path(tmp) / EXPORT_DIR, export_files)
             inputs = dataclasses.replace(inputs, onnx_path=Path(tmp) / EXPORT_DIR / inputs.onnx_path.name)
         facts = get_target(target_name).build(inputs, precision, config, out)
         files = artifact_payload(out)
@@ -75,7 +75,8 @@ def artifact_payload(path: Path) -> dict[str, bytes]:
     return {p.relative_to(path).as_posix(): p.read_bytes() for p in sorted(Path(path).rglob("*")) if p.is_file()}
 
 
-def _write_files(root: Path, files: dict[str, bytes]) -> None:
+def write_files(root: Path, files: dict[str, bytes]) -> None:
+    """Write ``files`` (relative path -> bytes, as :func:`artifact_payload` gives them) under ``root``."""
     for name, data in files.items():
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         (root / name).write_bytes(data)
@@ -134,7 +135,7 @@ def _runner(target_name: str, payload: dict[str, bytes], threads: int | None) ->
             held[1].cleanup()
         _LOADED.clear()
         tmp = tempfile.TemporaryDirectory(prefix="t2tedge-shard-")
-        _write_files(Path(tmp.name), payload)
+        write_files(Path(tmp.name), payload)
         # hash-checked against its manifest before anything loads
         _LOADED[key] = (load_verified(get_target(target_name), Artifact(Path(tmp.name)), threads), tmp)
     return _LOADED[key][0]
