@@ -45,23 +45,25 @@ def _settings(cfg: BenchmarkConfig) -> dict[str, Any]:
     return {k: getattr(cfg, k) for k in ("warmup", "min_iters", "min_seconds", "round_iters")}
 
 
-def _set_aside_foreign(artifact: Artifact, key: str) -> None:
+def _set_aside_foreign(artifact: Artifact, key: str, section: str) -> None:
     """A local record measured on another host (a copied artifact) moves to that host's key, kept and labelled."""
-    old = artifact.manifest.get("latency", {}).get(key)
+    old = artifact.manifest.get(section, {}).get(key)
     host, at = key.split("/", 1)
     if old is None or host != LOCAL or old.get("host_fingerprint") == this_host.host_fingerprint():
         return
     other = host_label(old.get("host_fingerprint"))
-    artifact.update_manifest(latency={f"{other}/{at}": {**old, "host": other}})
+    artifact.update_manifest(**{section: {f"{other}/{at}": {**old, "host": other}}})
 
 
-def _reused(artifact: Artifact, key: str, settings: dict[str, Any], force: bool, records: list[dict[str, Any]]) -> bool:
+def _reused(
+    artifact: Artifact, key: str, settings: dict[str, Any], force: bool, records: list[dict[str, Any]], section: str
+) -> bool:
     """Append the stored record of this point when it was measured with the same settings (unless forced).
 
     A local record is reused only when this host's fingerprint measured it.
     """
     manifest = artifact.manifest
-    old = manifest.get("latency", {}).get(key)
+    old = manifest.get(section, {}).get(key)
     if force or not old or old.get("settings") != settings or old.get("label") != MEASURED:
         return False
     if key.startswith(f"{LOCAL}/") and old.get("host_fingerprint") != this_host.host_fingerprint():
@@ -85,19 +87,22 @@ def bench_artifacts(
     force: bool = False,
     device: str | None = None,
     timeout_s: float = 1800.0,
+    section: str = "latency",
 ) -> list[dict[str, Any]]:
     """Latency of each artifact at each batch size x thread count of ``cfg``, measured or reused.
 
     Locally, artifacts measured at the same (batch, threads) are timed together in interleaved rounds;
     with ``device`` each artifact is timed on that SSH device (see ``t2tedge device``).
-    Returns one record per artifact and point; each is also written into the artifact's manifest.
+    Returns one record per artifact and point; each is also written into the artifact's manifest, under
+    ``section``: ``latency`` (what reports show) unless a caller keeps its own timings apart (``tune``
+    times with its own settings; sharing the section, a ``bench`` of the same artifact would replace them).
     """
     artifacts = [Artifact(Path(p)) for p in paths]
     for artifact in artifacts:
         read_manifest(artifact.path)  # a clear error for a directory that is not an artifact
     settings = _settings(cfg)
     if device is not None:
-        return _bench_remote(artifacts, cfg, settings, force, device, timeout_s)
+        return _bench_remote(artifacts, cfg, settings, force, device, timeout_s, section)
     records: list[dict[str, Any]] = []
     peaks: dict[int | None, dict[str, Any]] = {}
     for threads in cfg.threads:
@@ -107,13 +112,13 @@ def bench_artifacts(
             inputs: dict[str, np.ndarray] = {}
             pending: dict[str, tuple[Artifact, dict[str, Any]]] = {}
             for artifact in artifacts:
-                _set_aside_foreign(artifact, key)
-                if _reused(artifact, key, settings, force, records):
+                _set_aside_foreign(artifact, key, section)
+                if _reused(artifact, key, settings, force, records, section):
                     continue
                 manifest = artifact.manifest
                 record, runner = _prepare(artifact, manifest, batch, threads, settings)
                 if runner is None:
-                    artifact.update_manifest(latency={key: record})
+                    artifact.update_manifest(**{section: {key: record}})
                     records.append(_record(manifest, artifact, key, record, reused=False))
                     continue
                 name = str(artifact.path)
@@ -133,7 +138,7 @@ def bench_artifacts(
                 manifest = artifact.manifest
                 record.update(summarize(times[name], batch))
                 _efficiency(record, manifest, peaks.get(threads))
-                artifact.update_manifest(latency={key: record})
+                artifact.update_manifest(**{section: {key: record}})
                 records.append(_record(manifest, artifact, key, record, reused=False))
     return records
 
@@ -145,6 +150,7 @@ def _bench_remote(
     force: bool,
     device: str,
     timeout_s: float,
+    section: str,
 ) -> list[dict[str, Any]]:
     """Each artifact timed on a device over SSH, one after the other (the device runs nothing else)."""
     from t2tedge.devices.remote import remote_latency
@@ -153,7 +159,7 @@ def _bench_remote(
     points = [(t, b, a) for t in cfg.threads for b in cfg.batch_sizes for a in artifacts]
     for threads, batch, artifact in track(points, f"benchmarking on {device}", total=len(points)):
         key = latency_key(device, batch, threads)
-        if _reused(artifact, key, settings, force, records):
+        if _reused(artifact, key, settings, force, records, section):
             continue
         manifest = artifact.manifest
         result = remote_latency(
@@ -177,7 +183,7 @@ def _bench_remote(
             _efficiency(record, manifest, None)  # no peak GEMM is measured on devices
         else:
             record["reason"] = result.get("reason", "")
-        artifact.update_manifest(latency={key: record})
+        artifact.update_manifest(**{section: {key: record}})
         records.append(_record(manifest, artifact, key, record, reused=False))
     return records
 

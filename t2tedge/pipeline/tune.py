@@ -49,6 +49,9 @@ from t2tedge.progress import log
 from t2tedge.targets import get_target
 
 RECIPE_POINT = "recipe"
+# Where candidates' timings live in their manifests: apart from `latency`, which `bench`/`build` write with
+# their own settings (sharing it, a build of the chosen point replaced its tune timing: a rerun re-timed it).
+TIMING_SECTION = "tune_latency"
 
 
 @dataclass
@@ -340,7 +343,7 @@ class Tuner:
         from t2tedge.pipeline.bench import bench_artifacts
 
         paths = [Path(p.artifact) for p in points] + [Path(fp32["artifact"])]
-        records = bench_artifacts(paths, self.bench_cfg, device=self.device)
+        records = bench_artifacts(paths, self.bench_cfg, device=self.device, section=TIMING_SECTION)
         by_path = {r["artifact"]: r for r in records}
         for record in records:
             self.stats["reused" if record.get("reused") else "timed"] += 1
