@@ -72,6 +72,16 @@ def _reused(
     return True
 
 
+def is_stored(path: Path, cfg: BenchmarkConfig, device: str | None = None, section: str = "latency") -> bool:
+    """Whether :func:`bench_artifacts` would reuse every point of ``cfg`` for this artifact (none re-timed)."""
+    artifact, settings, host = Artifact(Path(path)), _settings(cfg), device or LOCAL
+    return all(
+        _reused(artifact, latency_key(host, batch, threads), settings, False, [], section)
+        for threads in cfg.threads
+        for batch in cfg.batch_sizes
+    )
+
+
 @functools.cache
 def model_macs(model: str, image_size: int, num_classes: int) -> int:
     """Counted MACs of one forward pass at batch 1 (random init: MACs do not depend on weights)."""

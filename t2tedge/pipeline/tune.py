@@ -75,6 +75,7 @@ class Point:
     agreement: float | None = None  # top-1 agreement with FP32 PyTorch on the held-out split, percent
     top1: float | None = None
     latency_ms: float | None = None  # p50, batch 1
+    fp32_latency_ms: float | None = None  # the target's FP32 build, p50 in the same interleaved round
     error: str | None = None
     front: bool = False
 
@@ -91,6 +92,10 @@ class Point:
             "heldout_top1_agreement": self.agreement,
             "heldout_top1": self.top1,
             "latency_ms_p50": self.latency_ms,
+            "fp32_latency_ms_p50_same_round": self.fp32_latency_ms,
+            "speedup_vs_fp32": (
+                round(self.fp32_latency_ms / self.latency_ms, 3) if self.latency_ms and self.fp32_latency_ms else None
+            ),
             "on_front": self.front,
             **({"error": self.error} if self.error else {}),
         }
@@ -340,22 +345,42 @@ class Tuner:
         return points
 
     def _time(self, points: list[Point], fp32: dict[str, Any]) -> None:
-        from t2tedge.pipeline.bench import bench_artifacts
+        """Time the points not timed before in one interleaved round with the FP32 build (re-timed in every
+        round, so each point's speed-up is against FP32 measured beside it); the others are reused."""
+        from t2tedge.pipeline.bench import bench_artifacts, is_stored
 
-        paths = [Path(p.artifact) for p in points] + [Path(fp32["artifact"])]
-        records = bench_artifacts(paths, self.bench_cfg, device=self.device, section=TIMING_SECTION)
-        by_path = {r["artifact"]: r for r in records}
-        for record in records:
-            self.stats["reused" if record.get("reused") else "timed"] += 1
+        def timed(paths: list[Path], force: bool) -> dict[str, dict[str, Any]]:
+            records = bench_artifacts(paths, self.bench_cfg, force, self.device, section=TIMING_SECTION)
+            for record in records:
+                self.stats["reused" if record.get("reused") else "timed"] += 1
+            return {r["artifact"]: r for r in records}
+
+        reused = {id(p) for p in points if is_stored(Path(p.artifact), self.bench_cfg, self.device, TIMING_SECTION)}
+        stored = [p for p in points if id(p) in reused]
+        fresh = [p for p in points if id(p) not in reused]
+        by_path = timed([Path(p.artifact) for p in stored], False) if stored else {}
+        fp32_ms = None
+        if fresh:
+            this_round = timed([Path(p.artifact) for p in fresh] + [Path(fp32["artifact"])], True)
+            record = this_round.pop(fp32["artifact"], {})
+            by_path.update(this_round)
+            if record.get("label") == MEASURED:
+                fp32_ms = record["latency_ms_p50"]
+                fp32.setdefault("latency_ms_p50", []).append(fp32_ms)
         for point in points:
             record = by_path.get(point.artifact, {})
-            if record.get("label") == MEASURED:
-                point.latency_ms = record["latency_ms_p50"]
-            elif point.error is None:
-                point.error = record.get("reason") or "not timed"
-        record = by_path.get(fp32["artifact"], {})
-        if record.get("label") == MEASURED:
-            fp32.setdefault("latency_ms_p50", []).append(record["latency_ms_p50"])
+            if record.get("label") != MEASURED:
+                if point.error is None:
+                    point.error = record.get("reason") or "not timed"
+                continue
+            point.latency_ms = record["latency_ms_p50"]
+            if id(point) in reused:  # the FP32 latency of its own round, stored beside its timing
+                point.fp32_latency_ms = record.get("fp32_latency_ms_p50")
+            elif fp32_ms is not None:
+                point.fp32_latency_ms = fp32_ms
+                artifact = Artifact(Path(point.artifact))
+                own = artifact.manifest[TIMING_SECTION][record["key"]]
+                artifact.update_manifest(**{TIMING_SECTION: {record["key"]: {**own, "fp32_latency_ms_p50": fp32_ms}}})
 
     # ---- output ------------------------------------------------------------------------------------------
 
