@@ -18,6 +18,7 @@ from t2tedge.calibration.onnx_qdq import QdqSettings, calibrate, entropy_thresho
 from t2tedge.calibration.onnx_session import OnnxSession
 from t2tedge.data.cache import preprocess
 from t2tedge.data.datasets import open_dataset
+from t2tedge.evaluation.host import has_int8_dot_products
 from t2tedge.models import get_spec
 from t2tedge.models.spec import Preprocess
 from t2tedge.pipeline.export import export_onnx
@@ -139,7 +140,8 @@ def test_t2t_qdq_structure_and_accuracy(t2t_onnx: Path, images: tuple, tmp_path:
 def test_mobilenet_qdq_outputs_close_to_fp32(mobilenet_onnx: Path, images: tuple, tmp_path: Path) -> None:
     calib, _ = images
     out = tmp_path / "int8.onnx"
-    facts = quantize_qdq(mobilenet_onnx, out, calib[:16], QdqSettings())
+    # 7-bit weights where this CPU's U8S8 kernels would saturate (x86 without VNNI/AMX): ORT's own default
+    facts = quantize_qdq(mobilenet_onnx, out, calib[:16], QdqSettings(reduce_range=not has_int8_dot_products()))
     _check_qdq_graph(out, TensorProto.UINT8)
     assert facts["quantized_nodes"].get("Conv", 0) >= 40
     assert "QLinearConv" in _optimized_op_types(out, tmp_path)
@@ -270,3 +272,25 @@ def test_accuracy_aware_search_scores_on_the_heldout_split(mobilenet_onnx: Path,
             config,
             tmp_path / "again",
         )
+
+
+def test_every_quantized_product_runs_on_an_integer_kernel(t2t_onnx: Path, images: tuple, tmp_path: Path) -> None:
+    from t2tedge.calibration.onnx_qdq import QDQ_SESSION_CONFIG
+    from t2tedge.targets.onnxruntime import runtime_int8_ops
+
+    config = QuantizationConfig().for_target("onnxruntime")
+    facts = get_target("onnxruntime").build(BuildInputs(t2t_onnx, SIZE, 10, calibration=images[0][:8]), "int8",
+                                            config, tmp_path)  # fmt: skip
+    quantized = sum(facts["quantized_nodes"].get(op, 0) for op in ("MatMul", "Gemm", "Conv"))
+    ran = facts["runtime_int8"]
+    assert facts["session_config"] == QDQ_SESSION_CONFIG and config.reduce_range == (not has_int8_dot_products())
+    # the artifact's loader runs it with that config: each quantized product is an integer kernel there
+    assert sum(ran["integer_kernels"].values()) == quantized > 10 and not ran["float_products_on_dequantized_inputs"]
+    # without it, ORT's MatMul+Add fusion turns quantized MatMuls into float Gemms on dequantized weights
+    plain = runtime_int8_ops(tmp_path / "model.onnx", {})
+    assert sum(plain["integer_kernels"].values()) < quantized and plain["float_products_on_dequantized_inputs"]["Gemm"]
+    from t2tedge.devices import remote_runner
+    from t2tedge.targets.onnxruntime import device_load
+
+    model = device_load(remote_runner, str(tmp_path), {"threads": 1, "build": json.loads(json.dumps(facts))})
+    assert model.facts["session_config"] == QDQ_SESSION_CONFIG  # what the loader ran it with, in its facts

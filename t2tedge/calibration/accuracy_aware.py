@@ -29,12 +29,19 @@ SENSITIVITY_IMAGES = 64
 
 
 def quantize_with_budget(
-    inputs: Any, settings: Any, model_path: Path, out_dir: Path, what: str, budget: float | None = None
+    inputs: Any,
+    settings: Any,
+    model_path: Path,
+    out_dir: Path,
+    what: str,
+    budget: float | None = None,
+    session_config: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Calibrate, write the QDQ graph and, with ``max_accuracy_drop`` set, keep the most sensitive nodes FP32.
 
     Shared by every target whose artifact is a Q/DQ ONNX graph. ``budget`` is the configured maximum
-    top-1 drop (None: no search); ``subset`` the most held-out images the search scores on.
+    top-1 drop (None: no search); ``subset`` the most held-out images the search scores on;
+    ``session_config``: how the target's ONNX Runtime runs the graph, which the search scores it with.
     """
     from t2tedge.calibration.onnx_qdq import calibrate
 
@@ -46,7 +53,7 @@ def quantize_with_budget(
         structure = calibrated.quantize(model_path)
         facts: dict[str, Any] = dict(calibrated.facts)
         if budget is not None:
-            search = AccuracyAwareSearch(calibrated, inputs, float(budget), Path(tmp) / "trials", what)
+            search = AccuracyAwareSearch(calibrated, inputs, float(budget), Path(tmp) / "trials", what, session_config)
             facts["accuracy_aware"] = search.run(model_path, out_dir)
             structure = facts["accuracy_aware"].pop("structure")
     return {**facts, **structure}
@@ -79,9 +86,18 @@ class AccuracyAwareSearch:
     bisecting. The final model is quantized again with that prefix excluded and measured once more.
     """
 
-    def __init__(self, calibrated: Any, inputs: Any, budget: float, work_dir: Path, what: str) -> None:
+    def __init__(
+        self,
+        calibrated: Any,
+        inputs: Any,
+        budget: float,
+        work_dir: Path,
+        what: str,
+        session_config: dict[str, str] | None = None,
+    ) -> None:
         import onnx
 
+        self.session_config = session_config
         self.calibrated = calibrated
         self.what = what
         self.images, self.labels, self.tuned_on = tuning_set(inputs, what)
@@ -145,7 +161,7 @@ class AccuracyAwareSearch:
         """Top-1 and logit mean squared error (vs FP32) of a model on the first ``count`` images (all)."""
         self.trials += 1
         images, labels, reference = self.images[:count], self.labels[:count], self.reference[:count]
-        logits = OnnxSession(model.SerializeToString())(images)
+        logits = OnnxSession(model.SerializeToString(), config=self.session_config)(images)
         finite = np.isfinite(reference).all(1) & np.isfinite(logits).all(1)
         error = float(np.mean((logits[finite] - reference[finite]) ** 2)) if finite.any() else float("inf")
         return {"top1": topk_accuracy(logits, labels, 1), "logit_mse": error}

@@ -35,6 +35,12 @@ METHODS = ("minmax", "percentile", "entropy")
 ACTIVATION_TYPES = ("uint8", "int8")
 DEFAULT_OP_TYPES = ("Conv", "MatMul", "Gemm")
 Q_OP, DQ_OP = "QuantizeLinear", "DequantizeLinear"
+# How ONNX Runtime must run a QDQ graph for its MatMuls to run in INT8: its level-1 MatMulAddFusion turns
+# DQ -> MatMul -> Add(bias) into a float Gemm before the level-2 QDQ fusions run, so the weights are
+# dequantized on every inference and multiplied in FP32. T2T-ViT-7 at 224 px: 30 of 41 quantized MatMuls
+# were lost that way (float Gemm + DequantizeLinear, slower than the FP32 model); with the fusion off all 41
+# run as MatMulIntegerToFloat. Recorded in the artifact (``build.session_config``) and applied by its loader.
+QDQ_SESSION_CONFIG = {"optimization.disable_specified_optimizers": "MatMulAddFusion"}
 
 
 @dataclass(frozen=True)
@@ -48,6 +54,9 @@ class QdqSettings:
     # TensorRT: True (zero point 0); ORT CPU: False (asymmetric uint8 uses all 256 levels)
     activation_symmetric: bool = False
     per_channel: bool = True
+    # 7-bit weights: x86 CPUs without VNNI (AVX2, AVX-512F) multiply U8S8 with vpmaddubsw, whose int16 pair
+    # sums saturate for full-range weights (255 * 127 * 2 > 32767); VNNI, AMX, ARM and TensorRT do not.
+    reduce_range: bool = False
     nodes_to_exclude: tuple[str, ...] = ()
     # No Q/DQ on the inputs of these ops, whatever their neighbours are: ORT fuses DQ -> Softmax -> Q into
     # QLinearSoftmax, slow for the large token attention and a loss of accuracy everywhere.
@@ -405,7 +414,7 @@ def _quantize_with_ranges(
     quantizer = QDQQuantizer(
         model,
         settings.per_channel,
-        False,  # reduce_range: VNNI-era CPUs and TensorRT want the full 8 bits
+        settings.reduce_range,
         QuantType.QInt8,
         activation,
         # the quantizer edits the ranges it is given (Relu/Clip/Softmax adjustments): hand it a copy

@@ -11,13 +11,16 @@ import numpy as np
 class OnnxSession:
     """An onnxruntime CPU session; feeds a fixed-batch model in chunks of its batch."""
 
-    def __init__(self, model: Path | bytes, threads: int | None = None) -> None:
+    def __init__(self, model: Path | bytes, threads: int | None = None, config: dict[str, str] | None = None) -> None:
+        """``config``: session config entries (e.g. :data:`onnx_qdq.QDQ_SESSION_CONFIG`), as the artifact's."""
         import onnxruntime as ort
 
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
+        for key, value in (config or {}).items():
+            options.add_session_config_entry(key, value)
         source = model if isinstance(model, bytes) else str(model)
         self.session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
         inp = self.session.get_inputs()[0]

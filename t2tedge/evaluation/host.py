@@ -45,6 +45,14 @@ def host_fingerprint() -> str:
     return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:12]
 
 
+def has_int8_dot_products() -> bool:
+    """Whether this CPU multiplies int8 without int16 saturation: VNNI or AMX on x86; every ARM CPU with
+    NEON dot products or not (their kernels widen to int32). x86 AVX2/AVX-512F without VNNI saturate U8S8."""
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
+        return True
+    return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & set(_isa_flags()))
+
+
 def host_label(fingerprint: str | None) -> str:
     """How results of another host are named in manifests and reports."""
     return f"host-{fingerprint or 'unrecorded'}"
