@@ -75,9 +75,10 @@ def test_every_candidate_is_built_scored_on_heldout_data_and_timed(tuned: dict[s
     names = [p["name"] for p in front["points"]]
     assert names[0] == "recipe" and "float mlp" in names and "float head" in names
     assert any(n.startswith("per_channel=") for n in names)  # the target's own knobs
-    singles = names[:9]  # the recipe's point, 5 layer groups, 3 knob values: then the greedy combinations
-    assert len(names) > 9 and all(" + " in n for n in names[9:]), names
-    for combo in front["points"][9:]:  # each joins choices that were measured alone before
+    singles = names[:10]  # the recipe's point, 5 layer groups, 4 knob values: then the greedy combinations
+    assert all(" + " not in n for n in singles) and all(" + " in n for n in names[10:]), names
+    for combo in front["points"][10:]:  # each joins choices that were measured alone before (timing decides
+        # whether any is made here: see the combination test below for the rule itself)
         assert all(part in singles for part in combo["name"].split(" + "))
     measured = [p for p in front["points"] if "error" not in p]
     assert len(measured) == len(front["points"]) >= 6
@@ -88,6 +89,14 @@ def test_every_candidate_is_built_scored_on_heldout_data_and_timed(tuned: dict[s
         assert score["images"] == 40 and score["label"] == "measured"
         assert "tune_latency" in manifest  # timed on this host, stored with the artifact
     assert front["heldout_images"] == 40 and front["fp32"]["latency_ms_p50"]
+    # each point against FP32 timed in its own round; the verdict on INT8 is the chosen point's
+    rounds = set(front["fp32"]["latency_ms_p50"])
+    assert all(p["fp32_latency_ms_p50_same_round"] in rounds for p in measured)
+    assert len(rounds) > 1  # FP32 re-timed beside each batch of new candidates, not once
+    chosen = front["chosen"]
+    assert front["int8_beats_fp32"] == (chosen["speedup_vs_fp32"] > 1.0)
+    slower = yaml.safe_load(Path(tuned["first"]["tuned"]).read_text())["fp32_faster"]
+    assert slower == ({} if front["int8_beats_fp32"] else {"t2t_vit_7": ["onnxruntime"]})
     # the candidates are different artifacts: their settings are in their keys
     assert len({p["artifact"] for p in measured}) == len(measured)
 
@@ -137,13 +146,17 @@ def test_a_float_group_keeps_its_nodes_out_of_int8(tuned: dict[str, Any]) -> Non
     assert quantized_matmuls(by_name["float mlp"]) == quantized_matmuls(by_name["recipe"]) - len(kept)
 
 
-def test_build_applies_the_tuned_placements(tuned: dict[str, Any]) -> None:
+def test_build_applies_the_tuned_placements(tuned: dict[str, Any], capsys: pytest.CaptureFixture) -> None:
     root, recipe = tuned["root"], tuned["recipe"]
     placements = root / "placements.yaml"
-    placements.write_text(json.dumps({"models": {"t2t_vit_7": {"onnxruntime": {"float_modules": ["head"]}}}}))
+    placements.write_text(json.dumps({"models": {"t2t_vit_7": {"onnxruntime": {"float_modules": ["head"]}}},
+                                      "fp32_faster": {"t2t_vit_7": ["onnxruntime"]}}))  # fmt: skip
     data = {"validation": "fashion_mnist:test", "limit": 40}
     built = Builder(recipe.model_copy(update={"tuned": placements, "data": recipe.data.model_copy(update=data)}))
+    capsys.readouterr()
     (row,) = built.run()
+    warned = [line for line in capsys.readouterr().err.splitlines() if "faster than FP32" in line]
+    assert len(warned) == 1 and "t2t_vit_7 on onnxruntime" in warned[0], warned  # said once, built as asked
     head = next(p for p in tuned["front"]["points"] if p["name"] == "float head")
     assert row.reused and row.artifact == head["artifact"]  # the tuned candidate's artifact, reused by its key
     # build's benchmark (the recipe's settings) and tune's timing (its own) are kept apart in the manifest
@@ -223,3 +236,25 @@ def test_the_cli_reruns_from_the_stored_measurements_and_bad_input_is_one_line(t
     refused = _cli("tune", recipe, "--target", "coreml")
     lines = [line for line in refused.stderr.splitlines() if line.strip()]
     assert refused.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: no INT8 target"), refused.stderr
+
+
+def test_combinations_join_faster_choices_that_keep_the_rule(tuned: dict[str, Any]) -> None:
+    tuner = Tuner(tuned["recipe"])
+    made: list[str] = []
+
+    def measure(job: Any, batch: list[Candidate]) -> list[Point]:  # a combination is 1 ms faster than its parts
+        (candidate,) = batch
+        made.append(candidate.name)
+        return [Point(candidate, agreement=99.0, latency_ms=6.0)]
+
+    tuner._measure = measure  # type: ignore[method-assign]
+    start = Point(Candidate("recipe"), agreement=100.0, latency_ms=10.0)
+    a = Point(Candidate("a", {"per_channel": False}), agreement=99.0, latency_ms=8.0)
+    b = Point(Candidate("b", {"float_modules": ["head"]}), agreement=99.0, latency_ms=9.0)
+    broke = Point(Candidate("c", {"method": "percentile"}), agreement=100.0 - RULE_DROP - 1, latency_ms=1.0)
+    slower = Point(Candidate("d", {"op_types": ["Conv"]}), agreement=100.0, latency_ms=11.0)
+    combos = tuner._combine(None, [start, a, b, broke, slower], start)  # type: ignore[arg-type]
+    # a first (fastest), then b over it; c breaks the rule and d is not faster: neither is tried
+    assert made == ["a + b"] and [p.candidate.override for p in combos] == [
+        {"per_channel": False, "float_modules": ["head"]}
+    ]

@@ -610,6 +610,8 @@ class Builder:
         quant = self.recipe.quantization
         if config is None:
             config = self.tuned.config(ctx.loaded.spec.name, target_name, quant.for_target(target_name))
+            if precision == "int8":
+                self.tuned.note_int8(ctx.loaded.spec.name, target_name)
         tuning = self._tuning_set(heldout) if needs_calibration and config.max_accuracy_drop is not None else None
         inputs = self._compile_key(ctx, exported, target, precision, config, calib, heldout, tuning)
         return Plan(

@@ -388,6 +388,7 @@ class Tuner:
         ctx, target_name, fp32 = job.ctx, job.target, job.fp32
         name = ctx.loaded.spec.name
         fp32_ms = fp32.get("latency_ms_p50") or []
+        speedup = chosen.to_dict()["speedup_vs_fp32"] if chosen else None
         rule = (
             {"max_top1_drop": self.cfg.max_top1_drop}
             if self.cfg.max_top1_drop is not None
@@ -411,6 +412,8 @@ class Tuner:
             "points": [p.to_dict() for p in points],
             "front": [p.candidate.name for p in pareto(points)],
             "chosen": chosen.to_dict() if chosen else None,
+            # INT8 that does not beat FP32 beside it on this host: said, not hidden behind a "tuned" label
+            "int8_beats_fp32": None if speedup is None else speedup > 1.0,
             "chosen_why": (
                 "the fastest point that keeps the rule"
                 if chosen
@@ -427,21 +430,30 @@ class Tuner:
         result["path"] = str(path)
         plot = plot_front(result, self.out_dir / f"{name}-{target_name}.png")
         if chosen:
-            speed = f"; {fp32_ms[-1] / chosen.latency_ms:.2f}x FP32" if fp32_ms else ""
+            speed = f"; {speedup:.2f}x FP32 (timed beside it)" if speedup else ""
             log(
                 f"  {target_name}: chose [bold]{chosen.candidate.name}[/]: {chosen.latency_ms:.2f} ms p50, "
                 f"{chosen.agreement:.1f} % agreement on {self.cfg.heldout} held-out images{speed}; front: {plot}"
             )
+            if speedup is not None and speedup <= 1.0:
+                log(
+                    f"  [yellow]warning:[/] {target_name}: no INT8 placement that keeps the rule is faster than "
+                    f"FP32 on this host ({', '.join(host_info()['isa']) or 'no ISA flags read'}): "
+                    f"{name} runs faster as FP32 here"
+                )
         else:
             log(f"  {target_name}: [yellow]no point keeps the rule[/] {rule}; front: {plot}")
         return result
 
     def _write_tuned(self, results: list[dict[str, Any]]) -> Path:
         models: dict[str, dict[str, Any]] = {}
+        slower: dict[str, list[str]] = {}
         for result in results:
             chosen = result["chosen"]
             if chosen and chosen["override"]:
                 models.setdefault(result["model"], {})[result["target"]] = chosen["override"]
+            if result["int8_beats_fp32"] is False:
+                slower.setdefault(result["model"], []).append(result["target"])
         path = self.out_dir / f"{self.recipe.name}-tuned.yaml"
         header = (
             f"# written by `t2tedge tune` for recipe {self.recipe.name!r}: the chosen INT8 placements, as the\n"
@@ -452,6 +464,8 @@ class Tuner:
             "host_fingerprint": this_host.host_fingerprint(),
             "rule": results[0]["rule"] if results else None,
             "models": models,
+            # model -> targets where the chosen INT8 build was not faster than FP32 timed beside it
+            "fp32_faster": slower,
         }
         self.out_dir.mkdir(parents=True, exist_ok=True)
         _write_text(path, header + yaml.safe_dump(body, sort_keys=False))

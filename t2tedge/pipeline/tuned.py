@@ -34,7 +34,9 @@ class TunedPlacements:
     models: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
     host_fingerprint: str | None = None
     host: str | None = None
+    fp32_faster: dict[str, list[str]] = field(default_factory=dict)
     _warned: bool = False
+    _noted: set[tuple[str, str]] = field(default_factory=set)
 
     @classmethod
     def load(cls, path: str | Path | None) -> TunedPlacements:
@@ -52,10 +54,22 @@ class TunedPlacements:
             isinstance(t, dict) and all(isinstance(o, dict) for o in t.values()) for t in models.values()
         ):
             raise RecipeError(f"{path}: expected `models: {{MODEL: {{TARGET: {{key: value}}}}}}` (see t2tedge tune)")
-        return cls(path, models, data.get("host_fingerprint"), data.get("host"))
+        slower = data.get("fp32_faster") or {}
+        if not isinstance(slower, dict) or not all(isinstance(t, list) for t in slower.values()):
+            raise RecipeError(f"{path}: expected `fp32_faster: {{MODEL: [TARGET, ...]}}` (see t2tedge tune)")
+        return cls(path, models, data.get("host_fingerprint"), data.get("host"), slower)
 
     def override(self, model: str, target: str) -> dict[str, Any]:
         return dict(self.models.get(model, {}).get(target) or {})
+
+    def note_int8(self, model: str, target: str) -> None:
+        """One warning line when tune found this model's INT8 build on this target no faster than FP32."""
+        if target in self.fp32_faster.get(model, []) and (model, target) not in self._noted:
+            self._noted.add((model, target))
+            log(
+                f"  [yellow]warning:[/] {self.path}: on {self.host or self.host_fingerprint}, no INT8 placement of "
+                f"{model} on {target} was faster than FP32 timed beside it; building int8 as the recipe asks"
+            )
 
     def config(self, model: str, target: str, base: TargetConfig) -> TargetConfig:
         """``base`` with this model and target's tuned keys over it (``base`` itself when none)."""
