@@ -30,6 +30,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 IMAGE_SIZE = 224
+FRONT_KEYS = ("points", "front", "chosen", "rule", "heldout_images", "fp32")
 
 
 def recipe(work: Path, args: argparse.Namespace) -> Path:
@@ -195,9 +196,7 @@ def main() -> None:
             "rerun_seconds": round(rerun_s, 1),
             "stats": first["stats"],
             "rerun_stats": again["stats"],
-            "fronts": {
-                t: {k: f[k] for k in ("points", "front", "chosen", "rule", "heldout_images")} for t, f in fronts.items()
-            },
+            "fronts": {t: {k: f[k] for k in FRONT_KEYS} for t, f in fronts.items()},
         },
         "interleaved": rows,
         "goals": goals,
