@@ -80,6 +80,13 @@ class Point:
     front: bool = False
 
     @property
+    def speedup_vs_fp32(self) -> float | None:
+        """FP32's p50 over this point's, both from the same interleaved round."""
+        if not self.latency_ms or not self.fp32_latency_ms:
+            return None
+        return round(self.fp32_latency_ms / self.latency_ms, 3)
+
+    @property
     def measured(self) -> bool:
         return self.error is None and self.agreement is not None and self.latency_ms is not None
 
@@ -93,9 +100,7 @@ class Point:
             "heldout_top1": self.top1,
             "latency_ms_p50": self.latency_ms,
             "fp32_latency_ms_p50_same_round": self.fp32_latency_ms,
-            "speedup_vs_fp32": (
-                round(self.fp32_latency_ms / self.latency_ms, 3) if self.latency_ms and self.fp32_latency_ms else None
-            ),
+            "speedup_vs_fp32": self.speedup_vs_fp32,
             "on_front": self.front,
             **({"error": self.error} if self.error else {}),
         }
@@ -388,7 +393,7 @@ class Tuner:
         ctx, target_name, fp32 = job.ctx, job.target, job.fp32
         name = ctx.loaded.spec.name
         fp32_ms = fp32.get("latency_ms_p50") or []
-        speedup = chosen.to_dict()["speedup_vs_fp32"] if chosen else None
+        speedup = chosen.speedup_vs_fp32 if chosen else None
         rule = (
             {"max_top1_drop": self.cfg.max_top1_drop}
             if self.cfg.max_top1_drop is not None

@@ -150,9 +150,6 @@ def build_int8(inputs: BuildInputs, config: OnnxRuntimeConfig, out_dir: Path) ->
     return {"providers": ["CPUExecutionProvider"], **facts}
 
 
-register_target(OnnxRuntimeTarget())
-
-
 # ONNX Runtime CPU kernels that compute in integers (what a QDQ graph's quantized nodes become when fused)
 INTEGER_KERNELS = ("MatMulIntegerToFloat", "QGemm", "QLinearConv", "QLinearMatMul", "MatMulInteger", "ConvInteger")
 FLOAT_PRODUCTS = ("MatMul", "FusedMatMul", "Gemm", "FusedGemm", "Conv", "FusedConv", "NhwcFusedConv")
@@ -187,3 +184,6 @@ def runtime_int8_ops(model: Path, session_config: dict[str, str]) -> dict[str, A
         "float_products_on_dequantized_inputs": dict(lost),
         "note": "op counts of the graph this host's onnxruntime optimized; float products include the ones kept FP32",
     }
+
+
+register_target(OnnxRuntimeTarget())
