@@ -81,10 +81,14 @@ def run_in_loopback(script: str, timeout: float = 240) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def loopback_cluster(worker_resources: Sequence[Mapping[str, float]] = ({}, {})) -> Iterator[Any]:
+def loopback_cluster(
+    worker_resources: Sequence[Mapping[str, float]] = ({}, {}),
+    worker_labels: Sequence[Mapping[str, str]] | None = None,
+) -> Iterator[Any]:
     """A ``ray.cluster_utils.Cluster``: a CPU-less head plus one 1-CPU worker node per entry, all on 127.0.0.1.
 
-    Each entry holds that worker node's custom resources. The driver is not connected; shutdown at exit.
+    Each entry holds that worker node's custom resources; ``worker_labels`` (one entry per worker node) its
+    Ray node labels. The driver is not connected; shutdown at exit.
     """
     import ray
     from ray.cluster_utils import Cluster
@@ -92,8 +96,9 @@ def loopback_cluster(worker_resources: Sequence[Mapping[str, float]] = ({}, {}))
     small = {"node_ip_address": LOOPBACK, "object_store_memory": OBJECT_STORE_BYTES}
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False, **small})
     try:
-        for resources in worker_resources:
-            cluster.add_node(num_cpus=1, resources=dict(resources), **small)
+        labels = worker_labels or [{}] * len(worker_resources)
+        for resources, node_labels in zip(worker_resources, labels, strict=True):
+            cluster.add_node(num_cpus=1, resources=dict(resources), labels=dict(node_labels), **small)
         cluster.wait_for_nodes()
         yield cluster
     finally:

@@ -101,6 +101,34 @@ def test_resources_must_be_offered_together_on_one_node() -> None:
     )
 
 
+def test_labels_pick_the_nodes_whose_resources_count() -> None:
+    nodes = [
+        {"Resources": {"CPU": 4.0}, "Labels": {"ray.io/node-id": "a", "t2tedge/os": "linux"}},
+        {"Resources": {"CPU": 1.0, "mac": 1.0}, "Labels": {"ray.io/node-id": "b", "t2tedge/os": "macos"}},
+    ]
+    mac = {"t2tedge/os": "macos"}
+    _check_resources([Task(square, (1,), labels=mac), Task(square, (1,), labels={"t2tedge/os": "in(linux,macos)"})],
+                     nodes)  # fmt: skip
+    _check_resources([Task(square, (1,), resources={"CPU": 4}, labels={"t2tedge/os": "!macos"})], nodes)
+    with pytest.raises(T2tedgeError) as raised:
+        _check_resources([Task(square, (1,), label="coreml", labels={"t2tedge/os": "ios"})], nodes)
+    assert str(raised.value) == (
+        "task 'coreml' needs a Ray node labelled t2tedge/os=ios, which no node is "
+        "(nodes carry: t2tedge/os=linux, t2tedge/os=macos)"
+    )
+    with pytest.raises(T2tedgeError) as raised:  # the 4-CPU node is not a Mac
+        _check_resources([Task(square, (1,), label="coreml", resources={"CPU": 4}, labels=mac)], nodes)
+    assert str(raised.value) == (
+        "task 'coreml' needs Ray resource 'CPU' (4) on a node labelled t2tedge/os=macos, "
+        "but no such node offers more than 1"
+    )
+    with pytest.raises(T2tedgeError) as raised:
+        _check_resources([Task(square, (1,), label="x", resources={"mac": 1}, labels={"t2tedge/os": "!macos"})], nodes)
+    assert str(raised.value).startswith(
+        "task 'x' needs Ray resource 'mac' (1) on a node labelled t2tedge/os=!macos, which no such node offers"
+    )
+
+
 # ---- connecting to nothing ---------------------------------------------------------------------------------
 
 
@@ -149,7 +177,7 @@ def two_node_scenario(marker_dir: str) -> None:
 
     out: dict[str, Any] = {}
     started = time.perf_counter()
-    with loopback_cluster([{"n0": 1}, {"n1": 1}]) as cluster:
+    with loopback_cluster([{"n0": 1}, {"n1": 1}], [{"t2tedge/role": "n0"}, {"t2tedge/role": "n1"}]) as cluster:
         out["startup_s"] = time.perf_counter() - started
         executor = RayExecutor(address=cluster.address, retries=RETRIES, connect_timeout_s=20)
         out["connect_s"] = time.perf_counter() - started - out["startup_s"]
@@ -169,6 +197,12 @@ def two_node_scenario(marker_dir: str) -> None:
             ran = executor.run([Task(busy, (1.0,), label=f"busy {i}", resources=resources) for i in range(4)])
             out[f"{key}_s"] = time.perf_counter() - began
             out[f"{key}_used"] = sorted({result["node"] for result in ran})
+
+        labelled = [Task(busy, (0.01,), label=f"on n1 {i}", labels={"t2tedge/role": "n1"}) for i in range(4)]
+        out["labelled_used"] = sorted({result["node"] for result in executor.run(labelled)})
+        unlabelled = Task(record_attempt, (marker_dir, "no_label"), label="on a mac", labels={"t2tedge/role": "mac"})
+        out["no_label"] = _error(lambda: executor.run([Task(record_attempt, (marker_dir, "no_label")), unlabelled]))
+        out["no_label_ran"] = attempts(marker_dir, "no_label")
 
         out["die_once"] = executor.run([Task(die_on_first_attempt, (marker_dir,), label="die once")])
         out["die_once_attempts"] = attempts(marker_dir, "die_once")
@@ -245,6 +279,18 @@ def test_tasks_spread_over_both_nodes_and_custom_resources_pin_them(two_nodes: d
     node_of = two_nodes["node_of"]
     assert two_nodes["two_nodes_used"] == sorted([node_of["n0"], node_of["n1"]])
     assert two_nodes["one_node_used"] == [node_of["n0"]]
+
+
+def test_node_labels_pin_tasks_and_unmatched_labels_are_refused_before_anything_runs(
+    two_nodes: dict[str, Any],
+) -> None:
+    assert two_nodes["labelled_used"] == [two_nodes["node_of"]["n1"]]
+    assert two_nodes["no_label"] == {
+        "type": "T2tedgeError",
+        "message": "task 'on a mac' needs a Ray node labelled t2tedge/role=mac, which no node is "
+        "(nodes carry: t2tedge/role=n0, t2tedge/role=n1)",
+    }
+    assert two_nodes["no_label_ran"] == 0
 
 
 def test_a_killed_worker_is_retried(two_nodes: dict[str, Any]) -> None:

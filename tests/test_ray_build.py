@@ -103,12 +103,15 @@ def ray_build_scenario(root: str, checkpoint: str) -> None:
 
     base = Path(root)
     seen: dict[str, Any] = {}
-    with loopback_cluster([{}, {}]) as cluster, RayExecutor(address=cluster.address) as executor:
+    pools = [{"t2tedge/pool": "a"}, {"t2tedge/pool": "b"}]
+    with loopback_cluster([{}, {}], pools) as cluster, RayExecutor(address=cluster.address) as executor:
         killed: dict[str, Any] = {}
         stop = threading.Event()
         killer = threading.Thread(target=_kill_first_compile_worker, args=(killed, stop), daemon=True)
         killer.start()
-        rows = Builder(load_recipe(_recipe(base, Path(checkpoint), "ray-store")), executor).run()
+        # every onnxruntime task through Ray's label selector (both nodes match it)
+        labelled = {"labels": {"onnxruntime": {"t2tedge/pool": "in(a,b)"}}}
+        rows = Builder(load_recipe(_recipe(base, Path(checkpoint), "ray-store", **labelled)), executor).run()
         stop.set()
         seen["killed_worker"] = killed.get("pid")
         seen["titles"] = sorted(killed["titles"])
@@ -117,7 +120,7 @@ def ray_build_scenario(root: str, checkpoint: str) -> None:
         seen["shards"] = [row.accuracy.get("shards") for row in rows]
         seen["reused"] = [row.reused for row in rows]
         # a second build reuses every artifact and validation
-        again = Builder(load_recipe(_recipe(base, Path(checkpoint), "ray-store")), executor).run()
+        again = Builder(load_recipe(_recipe(base, Path(checkpoint), "ray-store", **labelled)), executor).run()
         seen["rerun_reused"] = [row.reused for row in again]
         seen["tensor_caches"] = sorted(p.name for p in (base / "ray-store" / ".cache" / "tensors").glob("*.npy"))
         # a folder with an undecodable file: validated on the cluster (nothing decoded here), then locally
@@ -142,6 +145,15 @@ def ray_build_scenario(root: str, checkpoint: str) -> None:
         seen["refused_store"] = (
             sorted(p.name for p in (base / "refused-store").glob("*")) if (base / "refused-store").exists() else []
         )
+        no_mac = {"onnxruntime": {"t2tedge/pool": "mac"}}
+        unlabelled = _recipe(base, Path(checkpoint), "unlabelled-store", labels=no_mac)
+        try:
+            Builder(load_recipe(unlabelled), executor).run()
+            seen["unlabelled"] = None
+        except T2tedgeError as exc:
+            seen["unlabelled"] = str(exc)
+        store = base / "unlabelled-store"
+        seen["unlabelled_store"] = sorted(p.name for p in store.glob("*")) if store.exists() else []
     leftovers = [str(p) for p in (base / "ray-store").rglob("*") if ".staging-" in p.name or p.name.endswith(".tmp")]
     seen["leftovers"] = leftovers
     emit(seen)
@@ -187,6 +199,14 @@ def test_a_resource_no_node_offers_stops_before_any_work(built: dict[str, Any]) 
     refused = built["ray"]["refused"]
     assert refused is not None and "'mac'" in refused and "no node offers" in refused and "\n" not in refused
     assert built["ray"]["refused_store"] == []  # nothing was exported or built
+
+
+def test_a_node_label_no_node_carries_stops_before_any_work(built: dict[str, Any]) -> None:
+    assert built["ray"]["unlabelled"] == (
+        "task 'onnxruntime tasks' needs a Ray node labelled t2tedge/pool=mac, which no node is "
+        "(nodes carry: t2tedge/pool=a, t2tedge/pool=b)"
+    )
+    assert built["ray"]["unlabelled_store"] == []
 
 
 def test_exports_and_the_fp32_reference_run_on_workers_and_the_driver_decodes_no_validation_image(

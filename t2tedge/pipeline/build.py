@@ -200,11 +200,17 @@ class Builder:
     def _task_resources(self, target_name: str) -> dict[str, float]:
         return {"CPU": 1.0, **self.recipe.executor.resources.get(target_name, {})}
 
+    def _task_labels(self, target_name: str) -> dict[str, str]:
+        return dict(self.recipe.executor.labels.get(target_name, {}))
+
     def _run(self) -> list[BuildRow]:
         rows: list[BuildRow] = []
-        # every resource the recipe names must exist on the cluster before any work starts
+        # every resource and node label the recipe names must exist on the cluster before any work starts
         self.executor.require(
-            [Task(len, label=f"{name} tasks", resources=self._task_resources(name)) for name in self.recipe.targets]
+            [
+                Task(len, label=f"{name} tasks", resources=self._task_resources(name), labels=self._task_labels(name))
+                for name in self.recipe.targets
+            ]
         )
         validation = open_dataset(self.recipe.data.validation)
         if (validation.labels < 0).all():
@@ -552,6 +558,7 @@ class Builder:
                 ),
                 label=f"compile {name}/{plan.target}/{plan.precision}",
                 resources=self._task_resources(plan.target),
+                labels=self._task_labels(plan.target),
             )  # fmt: skip
             for plan in todo
         ]
@@ -583,6 +590,7 @@ class Builder:
                     self.recipe.threads,
                     self.recipe.executor.shard_images,
                     self._task_resources(plan.target),
+                    self._task_labels(plan.target),
                 )
                 self._record_validation(artifact, accuracy, name, target.needs_calibration(plan.precision), val)
             self._log_row(plan.target, plan.precision, reused, artifact, accuracy)

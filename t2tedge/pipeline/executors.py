@@ -35,6 +35,8 @@ class Task:
     args: tuple[Any, ...] = ()
     label: str = ""  # shown in progress and in error lines
     resources: Mapping[str, float] = field(default_factory=dict)  # e.g. {"CPU": 1, "mac": 1}
+    # Ray node labels the task's node must carry (Ray's label selector: "v", "!v", "in(a,b)", "!in(a,b)")
+    labels: Mapping[str, str] = field(default_factory=dict)  # e.g. {"t2tedge/role": "mac"}
 
     @property
     def name(self) -> str:
@@ -71,7 +73,7 @@ class Executor(Protocol):
         ...
 
     def require(self, tasks: Sequence[Task]) -> None:
-        """Raise one line, before any work, if a task asks for resources nothing here offers."""
+        """Raise one line, before any work, if a task asks for resources or node labels nothing here offers."""
         ...
 
     def close(self) -> None: ...
@@ -91,7 +93,8 @@ class _ClosingContext:
 
 
 class LocalExecutor(_ClosingContext):
-    """Runs tasks one after another in this process; resources are ignored and exceptions propagate as raised."""
+    """Runs tasks one after another in this process; resources and labels are ignored and exceptions
+    propagate as raised."""
 
     name = "local"
 
@@ -103,14 +106,15 @@ class LocalExecutor(_ClosingContext):
         return value
 
     def require(self, tasks: Sequence[Task]) -> None:
-        """This process runs anything it is given: resources are a cluster's concern."""
+        """This process runs anything it is given: resources and labels are a cluster's concern."""
 
 
 class RayExecutor(_ClosingContext):
     """Fans tasks out over a Ray cluster: the one at ``address``, or a local Ray started for this process.
 
     ``retries`` re-runs a task whose worker process or node died; exceptions raised by the task itself are
-    never retried. Every resource a task asks for is checked against the cluster before anything is submitted.
+    never retried. Every resource and node label a task asks for is checked against the cluster before anything
+    is submitted.
     """
 
     name = "ray"
@@ -278,6 +282,8 @@ def _one_line(exc: BaseException) -> str:
 
 def _ray_resource_options(task: Task) -> dict[str, Any]:
     options: dict[str, Any] = {"num_cpus": task.resources.get("CPU", 1)}
+    if task.labels:
+        options["label_selector"] = dict(task.labels)
     custom = {}
     for resource, amount in task.resources.items():
         if resource in _BUILTIN_RESOURCE_OPTIONS:
@@ -294,10 +300,19 @@ def _needed_resources(task: Task) -> dict[str, float]:
 
 
 def _check_resources(tasks: Sequence[Task], nodes: list[dict[str, Any]]) -> None:
-    """Refuse, before anything runs, a task that no alive node could ever schedule."""
-    offers = [node.get("Resources", {}) for node in nodes]
-    offered = sorted({name for offer in offers for name in offer if not name.startswith("node:")})
+    """Refuse, before anything runs, a task that no alive node could ever schedule: no node carries its
+    labels, or none of those that do offers its resources."""
     for task in tasks:
+        eligible = [node for node in nodes if _selects(task.labels, node.get("Labels") or {})]
+        if not eligible:
+            raise T2tedgeError(
+                f"task {task.name!r} needs a Ray node labelled {_selector_text(task.labels)}, which no node is"
+                f" (nodes carry: {_carried(nodes) or 'no labels of their own'})"
+            )
+        where = f" on a node labelled {_selector_text(task.labels)}" if task.labels else ""
+        such = "such " if task.labels else ""
+        offers = [node.get("Resources", {}) for node in eligible]
+        offered = sorted({name for offer in offers for name in offer if not name.startswith("node:")})
         needed = _needed_resources(task)
         for resource, amount in needed.items():
             most = max((offer.get(resource, 0) for offer in offers), default=0)
@@ -305,16 +320,40 @@ def _check_resources(tasks: Sequence[Task], nodes: list[dict[str, Any]]) -> None
                 continue
             if most > 0:
                 raise T2tedgeError(
-                    f"task {task.name!r} needs Ray resource {resource!r} ({amount:g}), "
-                    f"but no node offers more than {most:g}"
+                    f"task {task.name!r} needs Ray resource {resource!r} ({amount:g}){where}, "
+                    f"but no {such}node offers more than {most:g}"
                 )
             raise T2tedgeError(
-                f"task {task.name!r} needs Ray resource {resource!r} ({amount:g}), which no node offers"
-                f" (nodes offer: {', '.join(offered) or 'nothing'})"
+                f"task {task.name!r} needs Ray resource {resource!r} ({amount:g}){where}, which no {such}node "
+                f"offers (nodes offer: {', '.join(offered) or 'nothing'})"
             )
         if not any(all(offer.get(r, 0) >= a for r, a in needed.items()) for offer in offers):
             wanted = ", ".join(f"{r!r} ({a:g})" for r, a in needed.items())
-            raise T2tedgeError(f"task {task.name!r} needs Ray resources {wanted} on one node, which no node offers")
+            raise T2tedgeError(
+                f"task {task.name!r} needs Ray resources {wanted} on one node{where}, which no {such}node offers"
+            )
+
+
+def _selects(selector: Mapping[str, str], labels: Mapping[str, str]) -> bool:
+    """Whether a node with ``labels`` satisfies a Ray label selector (``v``, ``!v``, ``in(a,b)``, ``!in(a,b)``)."""
+    for key, expression in selector.items():
+        negated = expression.startswith("!")
+        body = expression[1:] if negated else expression
+        listed = body.startswith("in(") and body.endswith(")")
+        allowed = {v.strip() for v in body[3:-1].split(",")} if listed else {body}
+        if (labels.get(key) in allowed) == negated:
+            return False
+    return True
+
+
+def _selector_text(selector: Mapping[str, str]) -> str:
+    return ", ".join(f"{key}={value}" for key, value in sorted(selector.items()))
+
+
+def _carried(nodes: list[dict[str, Any]]) -> str:
+    """The labels the nodes carry, Ray's own ``ray.io/`` ones left out."""
+    labels = {f"{k}={v}" for node in nodes for k, v in (node.get("Labels") or {}).items()}
+    return ", ".join(sorted(label for label in labels if not label.startswith("ray.io/")))
 
 
 def _wait_for_gcs(address: str, timeout_s: float) -> None:

@@ -120,14 +120,20 @@ class ExecutorConfig(_Strict):
         default_factory=dict,
         description="Ray resources per target, e.g. {coreml: {mac: 1}}: its tasks run on nodes offering them",
     )
+    labels: dict[str, dict[str, str]] = Field(
+        default_factory=dict,
+        description="Ray node labels per target, e.g. {coreml: {t2tedge/os: macos}}: its tasks run only on nodes "
+        "carrying them (Ray label selectors: value, !value, in(a,b), !in(a,b))",
+    )
 
     @model_validator(mode="after")
     def _known_targets(self) -> ExecutorConfig:
         from t2tedge.targets import target_names
 
-        for name in self.resources:
-            if name not in target_names():
-                raise ValueError(f"resources: unknown target {name!r} (targets: {', '.join(target_names())})")
+        for key, per_target in (("resources", self.resources), ("labels", self.labels)):
+            for name in per_target:
+                if name not in target_names():
+                    raise ValueError(f"{key}: unknown target {name!r} (targets: {', '.join(target_names())})")
         return self
 
 

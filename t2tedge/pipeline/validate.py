@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -87,6 +87,7 @@ def validate_sharded(
     threads: int | None,
     shard_images: int,
     resources: dict[str, float],
+    labels: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """:func:`run_validation` as executor tasks: one per shard of ``shard_images`` samples, each carrying
     the samples' stored bytes; the worker decodes them with the model's pixel transform, loads the
@@ -106,6 +107,7 @@ def validate_sharded(
         f"validate {artifact.path.parent.name}/{artifact.path.name}",
         resources,
         f"validating {artifact.path.name}",
+        labels,
     )
     first = next((shard for shard in shards.parts if len(shard["kept"])), shards.parts[0])
     if reference is not None and len(reference) == len(selection.indices):
@@ -126,6 +128,7 @@ def run_shards(
     label: str,
     resources: dict[str, float],
     description: str,
+    labels: Mapping[str, str] | None = None,
 ) -> Sharded:
     """Run ``task(samples)`` over the selection in shards of ``shard_images`` samples (their bytes are read
     on the driver as each shard goes out) and merge the shards' ``logits``/``kept``/``skipped`` in order.
@@ -133,7 +136,7 @@ def run_shards(
     tasks = []
     for start in range(0, len(selection.indices), shard_images):
         fn, args = task(Deferred(encoded_samples, selection.dataset, selection.indices[start : start + shard_images]))
-        tasks.append(Task(fn, args, label=f"{label} images {start}+", resources=resources))
+        tasks.append(Task(fn, args, label=f"{label} images {start}+", resources=resources, labels=labels or {}))
     parts = executor.run(tasks, description)
     kept: list[np.ndarray] = []
     skipped: list[list[Any]] = []
