@@ -102,9 +102,32 @@ def child(command: list[str], env: dict[str, str]) -> dict[str, Any]:
 
 RAY_VALIDATE = """
 import json, sys, time
+import psutil
 from ray_harness import loopback_cluster
 from t2tedge.pipeline.executors import RayExecutor
 from t2tedge.pipeline.validate import validate_artifact
+
+def role(process):
+    line = " ".join(process.cmdline())
+    if process.pid == driver.pid:
+        return "driver"
+    for name, marks in (("workers", ("ray::",)), ("raylets", ("raylet",)), ("gcs", ("gcs_server",)),
+                        ("agents", ("agent", "dashboard", "log_monitor", "monitor.py"))):
+        if any(mark in line for mark in marks):
+            return name
+    return "other"
+
+def cpu_seconds():
+    out = {}
+    for process in [driver, *driver.children(recursive=True)]:
+        try:
+            times = process.cpu_times()
+            out[process.pid] = (role(process), times.user + times.system)
+        except psutil.Error:
+            continue
+    return out
+
+driver = psutil.Process()
 artifact, data, limit, nodes = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 started = time.perf_counter()
 with loopback_cluster([{}] * nodes) as cluster:
@@ -112,12 +135,19 @@ with loopback_cluster([{}] * nodes) as cluster:
     with RayExecutor(address=cluster.address) as executor:
         import ray
         addresses = sorted({n["NodeManagerAddress"] for n in ray.nodes()})
+        before = cpu_seconds()
         begin = time.perf_counter()
         result = validate_artifact(artifact, data, limit, 1, executor)
         seconds = time.perf_counter() - begin
+        after = cpu_seconds()
+cpu = {}
+for pid, (name, spent) in after.items():
+    cpu[name] = cpu.get(name, 0.0) + spent - before.get(pid, (name, 0.0))[1]
+cpu = {name: round(spent, 1) for name, spent in sorted(cpu.items())}
 print(json.dumps({"nodes": nodes, "cluster_up_s": up, "seconds": seconds, "node_addresses": addresses,
                   "top1": result["top1"], "top5": result["top5"], "images": result["images"],
-                  "shards": result.get("shards")}))
+                  "shards": result.get("shards"), "cpu_seconds_by_role": cpu,
+                  "cores_busy": round(sum(cpu.values()) / seconds, 2)}))
 """
 
 LOCAL_VALIDATE = """
