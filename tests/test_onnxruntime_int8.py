@@ -14,7 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from t2tedge.calibration import select_indices
 from t2tedge.calibration.accuracy_aware import SENSITIVITY_JSON, SENSITIVITY_MD
-from t2tedge.calibration.onnx_qdq import QdqSettings, calibrate, entropy_threshold, quantize_qdq
+from t2tedge.calibration.onnx_qdq import QdqSettings, calibrate, entropy_threshold, qdq_structure, quantize_qdq
 from t2tedge.calibration.onnx_session import OnnxSession
 from t2tedge.data.cache import preprocess
 from t2tedge.data.datasets import open_dataset
@@ -286,11 +286,76 @@ def test_every_quantized_product_runs_on_an_integer_kernel(t2t_onnx: Path, image
     assert facts["session_config"] == QDQ_SESSION_CONFIG and config.reduce_range == (not has_int8_dot_products())
     # the artifact's loader runs it with that config: each quantized product is an integer kernel there
     assert sum(ran["integer_kernels"].values()) == quantized > 10 and not ran["float_products_on_dequantized_inputs"]
-    # without it, ORT's MatMul+Add fusion turns quantized MatMuls into float Gemms on dequantized weights
-    plain = runtime_int8_ops(tmp_path / "model.onnx", {})
-    assert sum(plain["integer_kernels"].values()) < quantized and plain["float_products_on_dequantized_inputs"]["Gemm"]
+    # every Linear layer with a bias (2 token layers x 4, the token projection, 3 per block: 30) is one QGemm
+    # that adds its bias itself; the head was a Gemm already; what is left as MatMulIntegerToFloat has no bias
+    assert facts["linears_as_gemm"] == 30 and ran["integer_kernels"]["QGemm"] == 31
+    assert ran["integer_kernels"]["MatMulIntegerToFloat"] == quantized - 31
+    # the Performer's norms of k and q read the float k and q, not the dequantized copies the MatMuls read
+    assert facts["fp32_nodes_reading_dequantized"] == {} and ran["float_products"] == {"MatMul": 7, "FusedMatMul": 13}
+    # without the config, ORT's MatMul+Add fusion turns quantized MatMuls of the plain MatMul + Add form into
+    # float Gemms on dequantized weights
+    matmul_form = tmp_path / "matmul_form.onnx"
+    quantize_qdq(t2t_onnx, matmul_form, images[0][:8], QdqSettings(reduce_range=config.reduce_range))
+    assert qdq_structure(matmul_form)["fp32_nodes_reading_dequantized"] == {"Mul": 4}
+    plain = runtime_int8_ops(matmul_form, {})
+    assert plain["float_products_on_dequantized_inputs"]["Gemm"] == 30
+    assert not runtime_int8_ops(matmul_form, QDQ_SESSION_CONFIG)["float_products_on_dequantized_inputs"]
     from t2tedge.devices import remote_runner
     from t2tedge.targets.onnxruntime import device_load
 
     model = device_load(remote_runner, str(tmp_path), {"threads": 1, "build": json.loads(json.dumps(facts))})
     assert model.facts["session_config"] == QDQ_SESSION_CONFIG  # what the loader ran it with, in its facts
+    # the bias now travels as int32 at the scale of input x weight: the outputs stay those of the FP32 graph
+    reference = OnnxSession(t2t_onnx)(images[0][16:])
+    assert _cosine(model(images[0][16:]), reference) > 0.93
+
+
+def test_mobilenet_convs_keep_their_quantized_outputs(mobilenet_onnx: Path, images: tuple, tmp_path: Path) -> None:
+    """Float readers of a quantized op's output (the residual Adds) keep reading the DQ: reading the Conv's
+    float output instead would stop ORT fusing that Conv into a QLinearConv."""
+    config = QuantizationConfig().for_target("onnxruntime")
+    facts = get_target("onnxruntime").build(BuildInputs(mobilenet_onnx, SIZE, 10, calibration=images[0][:8]), "int8",
+                                            config, tmp_path)  # fmt: skip
+    ran = facts["runtime_int8"]
+    assert facts["quantized_nodes"]["Conv"] == ran["integer_kernels"]["QLinearConv"] == 52
+    # the residual Adds and the pooling read Conv outputs: their pairs stay
+    assert facts["fp32_nodes_reading_dequantized"] == {"Add": 10, "ReduceMean": 1} and not ran["float_products"]
+
+
+def _linear_graph(extra_reader: bool = False, bias_shape: tuple[int, ...] = (3,)) -> onnx.ModelProto:
+    """x [1, 5, 4] -> MatMul(W [4, 3]) -> Add(b) -> y (plus a second reader of the MatMul when asked)."""
+    rng = np.random.default_rng(0)
+    inits = [
+        numpy_helper.from_array(rng.standard_normal((4, 3)).astype(np.float32), "W"),
+        numpy_helper.from_array(rng.standard_normal(bias_shape).astype(np.float32), "b"),
+    ]
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["xw"], name="fc"), helper.make_node("Add", ["b", "xw"], ["y"])]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 5, 3])]
+    if extra_reader:
+        nodes.append(helper.make_node("Relu", ["xw"], ["z"]))
+        outputs.append(helper.make_tensor_value_info("z", TensorProto.FLOAT, [1, 5, 3]))
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 5, 4])],
+                              outputs, inits)  # fmt: skip
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def _run(model: onnx.ModelProto, x: np.ndarray) -> list[np.ndarray]:
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+
+
+def test_linear_layers_become_gemms_with_their_bias() -> None:
+    from t2tedge.calibration.onnx_qdq import linears_as_gemm
+
+    x = np.random.default_rng(1).standard_normal((1, 5, 4)).astype(np.float32)
+    model = _linear_graph()
+    before = _run(model, x)
+    assert linears_as_gemm(model) == 1
+    onnx.checker.check_model(model, full_check=True)
+    ops = [(n.op_type, n.name) for n in model.graph.node]
+    assert ops == [("Reshape", "fc/to_rows"), ("Gemm", "fc"), ("Reshape", "fc/from_rows")]  # the name stays
+    gemm = model.graph.node[1]
+    assert list(gemm.input[1:]) == ["W", "b"] and not gemm.attribute  # no transB: W is [K, N] as MatMul had it
+    np.testing.assert_allclose(_run(model, x)[0], before[0], rtol=1e-6, atol=1e-6)
+    # not a Linear layer: a MatMul read by more than its Add, or a bias that is not one value per column
+    for kept in (_linear_graph(extra_reader=True), _linear_graph(bias_shape=(5, 3))):
+        assert linears_as_gemm(kept) == 0 and [n.op_type for n in kept.graph.node][:2] == ["MatMul", "Add"]

@@ -61,6 +61,12 @@ class QdqSettings:
     # No Q/DQ on the inputs of these ops, whatever their neighbours are: ORT fuses DQ -> Softmax -> Q into
     # QLinearSoftmax, slow for the large token attention and a loss of accuracy everywhere.
     fp32_op_types: tuple[str, ...] = ("Softmax",)
+    # Float ops that share a quantized op's input read the float tensor in front of its Q -> DQ pair, not the
+    # dequantized copy (T2T-ViT's Performer squares k and q for their norms beside k @ w and q @ w: on the
+    # dequantized copy ORT runs a DequantizeLinear of each 3136 x 64 token tensor first, and the norms carry
+    # the rounding). Only pairs that quantize an op's input: an output pair (Conv -> Q -> DQ -> Add) stays,
+    # since a float reader of the Conv's own output would stop ORT fusing it into QLinearConv.
+    float_readers_read_float: bool = False
     # MatMuls whose two inputs are both activations (attention scores, attention x values, the Performer
     # feature products of the T2T module) stay FP32 unless this is set: quantizing them drops a T2T-ViT-7
     # trained on Fashion-MNIST (64 px) from 82 to 62 % top-1, and they buy no measurable speed at 224 px.
@@ -73,6 +79,12 @@ class QdqSettings:
     # fast as quantized outputs and as accurate, with a third fewer Q/DQ nodes. Conv keeps its quantized
     # output (QLinearConv needs it).
     no_output_quantization_op_types: tuple[str, ...] = ("MatMul", "Gemm")
+    # Linear layers on token tensors export as MatMul + Add(bias). Written as Reshape -> Gemm(bias) -> Reshape
+    # before calibration (same function, same node name), ORT runs DQ -> Gemm as one QGemm with the int32
+    # bias added in its output step, where DQ -> MatMul becomes MatMulIntegerToFloat followed by a float
+    # Add over the whole output (T2T-ViT-7: 30 such Adds, ~1.5 ms of ~19 ms at 224 px). Only where MatMuls
+    # are quantized at all (op_types), so "MatMuls float" keeps meaning every Linear layer.
+    linear_as_gemm: bool = False
     # Histogram calibration: bins over |x| (TensorRT uses 2048) and the levels a threshold is judged by
     # (128 per side of zero for int8).
     num_bins: int = 2048
@@ -178,6 +190,11 @@ def calibrate(model_in: Path, calibration: np.ndarray, settings: QdqSettings, wo
     preprocessed = settings.preprocess and _preprocess(Path(model_in), model_path)
     if not preprocessed:
         onnx.save(onnx.load(model_in), model_path)
+    rewritten = 0
+    if settings.linear_as_gemm and "MatMul" in settings.op_types:
+        model = onnx.load(model_path)
+        rewritten = linears_as_gemm(model)
+        onnx.save(model, model_path)
     calibrator = _create_calibrator(model_path, settings, work_dir / "augmented.onnx")
     batch = _model_batch(calibrator)
     # Histograms copy each chunk's outputs about three times; min/max only keeps reductions.
@@ -216,6 +233,7 @@ def calibrate(model_in: Path, calibration: np.ndarray, settings: QdqSettings, wo
             "seconds": round(time.perf_counter() - started, 2),
         },
         "preprocessed": bool(preprocessed),
+        **({"linears_as_gemm": rewritten} if settings.linear_as_gemm else {}),
         "settings": settings.describe(),
     }
     return CalibratedModel(model_path, settings, ranges, facts)
@@ -244,6 +262,80 @@ def qdq_structure(model_path: Path, op_types: Sequence[str] = DEFAULT_OP_TYPES) 
         "fp32_nodes_reading_dequantized": dict(sorted(float_readers.items())),
         "model_bytes": model_path.stat().st_size,
     }
+
+
+def linears_as_gemm(model: onnx.ModelProto) -> int:
+    """Rewrite each Linear layer exported as MatMul(x, W) + Add(b) (W a constant [K, N], b a constant [N],
+    x of rank >= 2 with static dims past the batch) as Reshape(x, [-1, K]) -> Gemm(., W, b) ->
+    Reshape(., [-1, ..., N]), in place; the Gemm keeps the MatMul's name. Returns how many were rewritten.
+    """
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    inferred = onnx.shape_inference.infer_shapes(model)
+    shapes = {
+        v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
+        for v in [*inferred.graph.value_info, *inferred.graph.input]
+    }
+    constants = {init.name: init for init in graph.initializer}
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    outputs = {o.name for o in graph.output}
+    nodes: list[onnx.NodeProto] = []
+    folded: set[str] = set()  # output names of the bias Adds taken into a Gemm
+    for node in graph.node:
+        if node.op_type == "Add" and node.output[0] in folded:
+            continue
+        add, shape = _bias_add(node, constants, readers, outputs), shapes.get(node.input[0]) if node.input else None
+        if add is None or not shape or len(shape) < 2 or not all(shape[1:]):
+            nodes.append(node)
+            continue
+        k, n = constants[node.input[1]].dims
+        bias = add.input[1] if add.input[0] == node.output[0] else add.input[0]
+        rows, out, rows_shape, tokens_shape = (f"{node.name}/{s}" for s in ("rows", "gemm", "rows_shape", "out_shape"))
+        graph.initializer.extend(
+            [
+                numpy_helper.from_array(np.array([-1, k], np.int64), rows_shape),
+                numpy_helper.from_array(np.array([-1, *shape[1:-1], n], np.int64), tokens_shape),
+            ]
+        )
+        if len(readers[bias]) > 1:
+            # the exporter shares equal constants (zero biases of LayerNorms and Linears): the quantizer turns a
+            # Gemm's bias into int32 + DequantizeLinear, which its other readers must not read
+            copy = graph.initializer.add()
+            copy.CopyFrom(constants[bias])
+            copy.name = bias = f"{node.name}/bias"
+        nodes += [
+            helper.make_node("Reshape", [node.input[0], rows_shape], [rows], name=f"{node.name}/to_rows"),
+            helper.make_node("Gemm", [rows, node.input[1], bias], [out], name=node.name),
+            helper.make_node("Reshape", [out, tokens_shape], [add.output[0]], name=f"{node.name}/from_rows"),
+        ]
+        for prop in node.metadata_props:  # the module scope travels with the name (scopes.module_nodes)
+            nodes[-2].metadata_props.add().CopyFrom(prop)
+        folded.add(add.output[0])
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return len(folded)
+
+
+def _bias_add(
+    node: onnx.NodeProto,
+    constants: dict[str, onnx.TensorProto],
+    readers: dict[str, list[onnx.NodeProto]],
+    outputs: set[str],
+) -> onnx.NodeProto | None:
+    """The Add(bias) that alone reads a MatMul by a constant 2-D weight, when the bias is a constant [N]."""
+    if node.op_type != "MatMul" or node.input[1] not in constants or len(constants[node.input[1]].dims) != 2:
+        return None
+    users = readers.get(node.output[0], [])
+    if len(users) != 1 or users[0].op_type != "Add" or node.output[0] in outputs:
+        return None
+    add = users[0]
+    bias = add.input[1] if add.input[0] == node.output[0] else add.input[0]
+    n = constants[node.input[1]].dims[1]
+    return add if bias in constants and list(constants[bias].dims) == [n] else None
 
 
 # --- calibration -------------------------------------------------------------------------------------
@@ -428,6 +520,8 @@ def _quantize_with_ranges(
         quantizer.quantize_model()
     model = quantizer.model.model
     _float_inputs_for(model, set(settings.fp32_op_types))
+    if settings.float_readers_read_float:
+        _float_readers_read_float(model, set(settings.quantizer_op_types))
     _sort_topologically(model.graph)  # ORT's quantizer appends Q/DQ nodes after their readers
     onnx.save(model, str(model_out))
 
@@ -453,6 +547,21 @@ def _float_inputs_for(model: onnx.ModelProto, op_types: set[str]) -> None:
         for index, name in enumerate(node.input):
             _, source = _float_source(name, producers)
             if source is not None:
+                node.input[index] = source
+    _prune(model)
+
+
+def _float_readers_read_float(model: onnx.ModelProto, quantized_types: set[str]) -> None:
+    """Feed every float op the float tensor in front of a Q -> DQ pair that quantizes some op's input
+    (the tensor is not the output of a quantized op); drop pairs left unused."""
+    graph = model.graph
+    producers = {out: node for node in graph.node for out in node.output}
+    for node in graph.node:
+        if node.op_type in quantized_types or node.op_type in (Q_OP, DQ_OP):
+            continue
+        for index, name in enumerate(node.input):
+            _, source = _float_source(name, producers)
+            if source is not None and (source not in producers or producers[source].op_type not in quantized_types):
                 node.input[index] = source
     _prune(model)
 

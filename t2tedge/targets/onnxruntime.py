@@ -123,6 +123,8 @@ def qdq_settings(config: OnnxRuntimeConfig, module_nodes: tuple[str, ...] = ()) 
             activation_type=config.activation_type,
             per_channel=config.per_channel,
             reduce_range=config.reduce_range,
+            linear_as_gemm=True,  # bias in QGemm's output step, not a float Add after MatMulIntegerToFloat
+            float_readers_read_float=True,  # no DequantizeLinear for a float op beside a quantized one
             nodes_to_exclude=tuple(dict.fromkeys([*config.exclude_nodes, *module_nodes])),
         )
     except ValueError as exc:
