@@ -135,15 +135,15 @@ def test_a_rerun_measures_nothing_again(tuned: dict[str, Any]) -> None:
 def test_a_float_group_keeps_its_nodes_out_of_int8(tuned: dict[str, Any]) -> None:
     by_name = {p["name"]: p for p in tuned["front"]["points"]}
 
-    def quantized_matmuls(point: dict[str, Any]) -> int:
+    def quantized_products(point: dict[str, Any]) -> int:  # MatMuls, and Linear layers written as Gemms
         graph = onnx.load(str(Path(point["artifact"]) / "model.onnx")).graph
         dequantized = {o for n in graph.node if n.op_type == "DequantizeLinear" for o in n.output}
-        return sum(1 for n in graph.node if n.op_type == "MatMul" and n.input[0] in dequantized)
+        return sum(1 for n in graph.node if n.op_type in ("MatMul", "Gemm") and n.input[0] in dequantized)
 
     manifest = json.loads((Path(by_name["float mlp"]["artifact"]) / "manifest.json").read_text())
     kept = manifest["build"]["float_modules"]["nodes"]
     assert kept and manifest["config"]["quantization"]["float_modules"] == ["blocks.*.mlp", "blocks.*.mlp.*"]
-    assert quantized_matmuls(by_name["float mlp"]) == quantized_matmuls(by_name["recipe"]) - len(kept)
+    assert quantized_products(by_name["float mlp"]) == quantized_products(by_name["recipe"]) - len(kept)
 
 
 def test_build_applies_the_tuned_placements(tuned: dict[str, Any], capsys: pytest.CaptureFixture) -> None:
