@@ -21,7 +21,7 @@ import logging
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -519,9 +519,11 @@ def _quantize_with_ranges(
     with quiet_ort():
         quantizer.quantize_model()
     model = quantizer.model.model
-    _float_inputs_for(model, set(settings.fp32_op_types))
+    if settings.fp32_op_types:
+        _float_inputs_for(model, lambda node: node.op_type in settings.fp32_op_types)
     if settings.float_readers_read_float:
-        _float_readers_read_float(model, set(settings.quantizer_op_types))
+        quantized_or_qdq = {*settings.quantizer_op_types, Q_OP, DQ_OP}
+        _float_inputs_for(model, lambda node: node.op_type not in quantized_or_qdq, settings.quantizer_op_types)
     _sort_topologically(model.graph)  # ORT's quantizer appends Q/DQ nodes after their readers
     onnx.save(model, str(model_out))
 
@@ -535,33 +537,19 @@ def _float_source(name: str, producers: dict[str, onnx.NodeProto]) -> tuple[onnx
     return dq, (q.input[0] if q is not None and q.op_type == Q_OP else None)
 
 
-def _float_inputs_for(model: onnx.ModelProto, op_types: set[str]) -> None:
-    """Feed ops of ``op_types`` the float tensor in front of their Q -> DQ pair; drop pairs left unused."""
-    if not op_types:
-        return
+def _float_inputs_for(
+    model: onnx.ModelProto, reads_float: Callable[[onnx.NodeProto], bool], keep_outputs_of: Sequence[str] = ()
+) -> None:
+    """Feed the nodes ``reads_float`` picks the float tensor in front of their Q -> DQ pairs, except pairs
+    on the output of an op of ``keep_outputs_of``; drop pairs left unused."""
     graph = model.graph
     producers = {out: node for node in graph.node for out in node.output}
     for node in graph.node:
-        if node.op_type not in op_types:
+        if not reads_float(node):
             continue
         for index, name in enumerate(node.input):
             _, source = _float_source(name, producers)
-            if source is not None:
-                node.input[index] = source
-    _prune(model)
-
-
-def _float_readers_read_float(model: onnx.ModelProto, quantized_types: set[str]) -> None:
-    """Feed every float op the float tensor in front of a Q -> DQ pair that quantizes some op's input
-    (the tensor is not the output of a quantized op); drop pairs left unused."""
-    graph = model.graph
-    producers = {out: node for node in graph.node for out in node.output}
-    for node in graph.node:
-        if node.op_type in quantized_types or node.op_type in (Q_OP, DQ_OP):
-            continue
-        for index, name in enumerate(node.input):
-            _, source = _float_source(name, producers)
-            if source is not None and (source not in producers or producers[source].op_type not in quantized_types):
+            if source is not None and (source not in producers or producers[source].op_type not in keep_outputs_of):
                 node.input[index] = source
     _prune(model)
 
