@@ -288,12 +288,12 @@ def linears_as_gemm(model: onnx.ModelProto) -> int:
     for node in graph.node:
         if node.op_type == "Add" and node.output[0] in folded:
             continue
-        add, shape = _bias_add(node, constants, readers, outputs), shapes.get(node.input[0]) if node.input else None
+        add, bias = _bias_add(node, constants, readers, outputs)
+        shape = shapes.get(node.input[0]) if add is not None else None
         if add is None or not shape or len(shape) < 2 or not all(shape[1:]):
             nodes.append(node)
             continue
         k, n = constants[node.input[1]].dims
-        bias = add.input[1] if add.input[0] == node.output[0] else add.input[0]
         rows, out, rows_shape, tokens_shape = (f"{node.name}/{s}" for s in ("rows", "gemm", "rows_shape", "out_shape"))
         graph.initializer.extend(
             [
@@ -325,17 +325,18 @@ def _bias_add(
     constants: dict[str, onnx.TensorProto],
     readers: dict[str, list[onnx.NodeProto]],
     outputs: set[str],
-) -> onnx.NodeProto | None:
-    """The Add(bias) that alone reads a MatMul by a constant 2-D weight, when the bias is a constant [N]."""
+) -> tuple[onnx.NodeProto | None, str]:
+    """The Add that alone reads a MatMul by a constant 2-D weight [K, N], and its bias, when that is a
+    constant [N]; (None, "") otherwise."""
     if node.op_type != "MatMul" or node.input[1] not in constants or len(constants[node.input[1]].dims) != 2:
-        return None
+        return None, ""
     users = readers.get(node.output[0], [])
     if len(users) != 1 or users[0].op_type != "Add" or node.output[0] in outputs:
-        return None
+        return None, ""
     add = users[0]
     bias = add.input[1] if add.input[0] == node.output[0] else add.input[0]
     n = constants[node.input[1]].dims[1]
-    return add if bias in constants and list(constants[bias].dims) == [n] else None
+    return (add, bias) if bias in constants and list(constants[bias].dims) == [n] else (None, "")
 
 
 # --- calibration -------------------------------------------------------------------------------------
