@@ -27,6 +27,7 @@ def test_interleaved_rounds_meet_count_and_time() -> None:
         min_iters=10,
         min_seconds=0.05,
         round_iters=5,
+        settle_seconds=0,  # the order of calls below: no untimed settling between rounds here
     )
     assert len(times["slow"]) >= 25 and sum(times["slow"]) >= 0.05  # time-bound, not count-bound
     assert len(times["fast"]) >= 10 and sum(times["fast"]) >= 0.05
@@ -34,6 +35,33 @@ def test_interleaved_rounds_meet_count_and_time() -> None:
     assert timed[:5] == ["fast"] * 5 and timed[5:15] == ["slow"] * 10  # order reverses each round
     stats = summarize(times["slow"])
     assert stats["latency_ms_p50"] >= 2.0 and stats["iterations"] == len(times["slow"])
+
+
+def test_iterations_right_after_a_switch_are_not_timed() -> None:
+    """A runner is slow for its first 3 calls after another one ran (as an ONNX Runtime session is while
+    the previous session's threads still spin): only its steady state is timed, whatever its place in the
+    order; without settling, the middle runner (never run twice in a row) is timed mostly slow."""
+    last: list[str] = [""]
+
+    def runner(name: str):  # noqa: ANN202
+        state = {"since_switch": 0}
+
+        def run(_: np.ndarray) -> None:
+            state["since_switch"] = 0 if last[0] != name else state["since_switch"] + 1
+            last[0] = name
+            time.sleep(0.02 if state["since_switch"] < 3 else 0.001)
+
+        return run
+
+    def p50s(settle_seconds: float) -> dict[str, float]:
+        runners = {name: runner(name) for name in ("a", "b", "c")}
+        times = time_interleaved(runners, np.zeros(1), 0, 20, 0.0, 4, settle_seconds=settle_seconds)
+        return {name: summarize(t)["latency_ms_p50"] for name, t in times.items()}
+
+    settled = p50s(0.1)
+    assert all(ms < 10 for ms in settled.values()), settled
+    unsettled = p50s(0)
+    assert unsettled["b"] > 15, unsettled
 
 
 def test_stored_results_are_reused_only_on_the_same_host(tmp_path, monkeypatch) -> None:  # noqa: ANN001

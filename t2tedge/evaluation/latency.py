@@ -8,6 +8,14 @@ from typing import Any
 
 import numpy as np
 
+# A runtime switched to after another one ran is slow for its first iterations (likely: ONNX Runtime's
+# intra-op threads of the session that ran before still spin; caches are cold). Measured on the
+# AVX-512 VNNI AMD EPYC (2 cores, T2T-ViT-7 INT8 at 224 px, 10-iteration rounds between three sessions):
+# the median of a round's 1st..10th iteration went 9.5, 9.7, 9.1, 8.8, 8.8, 6.5, 6.1, 5.0, 4.9, 5.0 ms,
+# ~60 ms to settle; counted, it made the same artifact 27 % slower or faster depending on its place in
+# the order. Untimed iterations for this long after each switch keep only the steady state.
+SETTLE_SECONDS = 0.1
+
 
 def time_interleaved(
     runners: Mapping[str, Callable[[np.ndarray], Any]],
@@ -17,11 +25,14 @@ def time_interleaved(
     min_seconds: float,
     round_iters: int,
     on_round: Callable[[], None] | None = None,
+    settle_seconds: float = SETTLE_SECONDS,
 ) -> dict[str, list[float]]:
     """Per-iteration latencies (s) of each runner, measured in alternating interleaved rounds.
 
     ``image`` is one input for all runners or one per runner (models of different input sizes).
     Interleaving (and reversing the order every round) makes machine noise hit every variant alike.
+    After a switch from another runner, each runs untimed for ``settle_seconds`` (at least once) before
+    its round is timed: what a deployed model alone never pays is not counted (see SETTLE_SECONDS).
     """
     inputs = image if isinstance(image, Mapping) else dict.fromkeys(runners, image)
     for key, runner in runners.items():
@@ -30,11 +41,18 @@ def time_interleaved(
     times: dict[str, list[float]] = {key: [] for key in runners}
     order = list(runners)
     rounds = 0
+    previous = None
     while any(len(t) < min_iters or sum(t) < min_seconds for t in times.values()):
         for key in order if rounds % 2 == 0 else order[::-1]:
             runner, bucket, x = runners[key], times[key], inputs[key]
             if len(bucket) >= min_iters and sum(bucket) >= min_seconds:
                 continue  # done; keep timing the others without spending more time here
+            if key != previous and settle_seconds > 0:
+                settle_until = time.perf_counter() + settle_seconds
+                runner(x)
+                while time.perf_counter() < settle_until:
+                    runner(x)
+            previous = key
             for _ in range(round_iters):
                 started = time.perf_counter()
                 runner(x)

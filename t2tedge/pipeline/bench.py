@@ -42,7 +42,7 @@ def latency_key(host: str, batch: int, threads: int | None) -> str:
 
 
 def _settings(cfg: BenchmarkConfig) -> dict[str, Any]:
-    return {k: getattr(cfg, k) for k in ("warmup", "min_iters", "min_seconds", "round_iters")}
+    return {k: getattr(cfg, k) for k in ("warmup", "min_iters", "min_seconds", "round_iters", "settle_seconds")}
 
 
 def _set_aside_foreign(artifact: Artifact, key: str, section: str) -> None:
@@ -214,7 +214,9 @@ def _time(
             advance(now - clock[0])
             clock[0] = now
 
-        return time_interleaved(runners, inputs, cfg.warmup, cfg.min_iters, cfg.min_seconds, cfg.round_iters, on_round)
+        return time_interleaved(
+            runners, inputs, cfg.warmup, cfg.min_iters, cfg.min_seconds, cfg.round_iters, on_round, cfg.settle_seconds
+        )
 
 
 def _prepare(

@@ -12,6 +12,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from t2tedge.errors import RecipeError
+from t2tedge.evaluation.latency import SETTLE_SECONDS
 from t2tedge.targets.base import TargetConfig
 
 BUNDLED_RECIPES = Path(__file__).resolve().parent.parent / "recipes"
@@ -102,6 +103,9 @@ class BenchmarkConfig(_Strict):
     min_iters: int = Field(200, gt=0, description="at least this many timed iterations per artifact")
     min_seconds: float = Field(10.0, ge=0, description="and at least this many seconds per artifact")
     round_iters: int = Field(10, gt=0, description="iterations per artifact per interleaved round")
+    settle_seconds: float = Field(
+        SETTLE_SECONDS, ge=0, description="untimed running after each switch between artifacts (steady state only)"
+    )
     batch_sizes: list[int] = Field(default_factory=lambda: [1], min_length=1)
     threads: list[int | None] = Field(
         default_factory=lambda: [None], min_length=1, description="thread counts to sweep; null: all cores"

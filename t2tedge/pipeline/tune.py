@@ -185,6 +185,7 @@ class Tuner:
             min_iters=min(recipe.benchmark.min_iters, 50),
             min_seconds=self.cfg.seconds,
             round_iters=recipe.benchmark.round_iters,
+            settle_seconds=recipe.benchmark.settle_seconds,
             batch_sizes=[1],
             threads=[recipe.benchmark.threads[0]],
             efficiency=False,
