@@ -282,14 +282,13 @@ def tune(
         table.add_column(column)
     for front in result["fronts"]:
         chosen = front["chosen"]
-        fp32 = front["fp32"]["latency_ms_p50"]
         table.add_row(
             front["model"],
             front["target"],
             chosen["name"] if chosen else "none keeps the rule",
             f"{chosen['heldout_top1_agreement']:.1f}" if chosen else "-",
             f"{chosen['latency_ms_p50']:.2f}" if chosen else "-",
-            f"{fp32[-1] / chosen['latency_ms_p50']:.2f}" if chosen and fp32 else "-",
+            f"{chosen['speedup_vs_fp32']:.2f}" if chosen and chosen["speedup_vs_fp32"] else "-",  # its own round
             str(len(front["front"])),
             str(len(front["points"])),
         )

@@ -129,7 +129,12 @@ def test_a_rerun_measures_nothing_again(tuned: dict[str, Any]) -> None:
     first, again = tuned["first"]["stats"], tuned["again"]["stats"]
     assert first["built"] > 0 and first["scored"] > 0 and first["timed"] > 0
     assert again["built"] == again["scored"] == again["timed"] == 0 and again["reused"] > 0
-    assert tuned["again"]["fronts"][0]["chosen"]["name"] == tuned["front"]["chosen"]["name"]
+    rerun = tuned["again"]["fronts"][0]
+    assert rerun["chosen"]["name"] == tuned["front"]["chosen"]["name"]
+    # the rerun reports the timings it reused, FP32's rounds and each point's own-round speed-up included
+    assert rerun["fp32"]["latency_ms_p50"] == tuned["front"]["fp32"]["latency_ms_p50"]
+    speedups = [(p["name"], p["speedup_vs_fp32"]) for p in tuned["front"]["points"]]
+    assert [(p["name"], p["speedup_vs_fp32"]) for p in rerun["points"]] == speedups
 
 
 def test_a_float_group_keeps_its_nodes_out_of_int8(tuned: dict[str, Any]) -> None:
@@ -175,6 +180,9 @@ def test_build_applies_the_tuned_placements(tuned: dict[str, Any], capsys: pytes
     text = report.markdown.read_text()
     assert "## INT8 placement tuning" in text and "### t2t_vit_7 on onnxruntime" in text
     assert f"**{chosen['name']}**" in text and "chosen" in text
+    # its speed-up is against the FP32 timed in its own round
+    (row_line,) = (line for line in text.splitlines() if line.startswith(f"| **{chosen['name']}**"))
+    assert f"{chosen['speedup_vs_fp32']:.2f}x" in row_line
     assert (report.markdown.parent / "tuning_t2t_vit_7-onnxruntime.png").is_file()
 
 

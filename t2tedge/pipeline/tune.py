@@ -372,7 +372,6 @@ class Tuner:
             by_path.update(this_round)
             if record.get("label") == MEASURED:
                 fp32_ms = record["latency_ms_p50"]
-                fp32.setdefault("latency_ms_p50", []).append(fp32_ms)
         for point in points:
             record = by_path.get(point.artifact, {})
             if record.get("label") != MEASURED:
@@ -393,7 +392,9 @@ class Tuner:
     def _write_front(self, job: Job, points: list[Point], chosen: Point | None) -> dict[str, Any]:
         ctx, target_name, fp32 = job.ctx, job.target, job.fp32
         name = ctx.loaded.spec.name
-        fp32_ms = fp32.get("latency_ms_p50") or []
+        # FP32's p50 in each round a point was timed in, from the points themselves: a rerun that times
+        # nothing reports the same rounds as the run that timed them
+        fp32_ms = list(dict.fromkeys(p.fp32_latency_ms for p in points if p.fp32_latency_ms is not None))
         speedup = chosen.speedup_vs_fp32 if chosen else None
         rule = (
             {"max_top1_drop": self.cfg.max_top1_drop}

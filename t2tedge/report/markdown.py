@@ -221,14 +221,16 @@ def tuning_section(fronts: list[dict[str, Any]], plots: dict[str, str]) -> list[
                     f"**{p['name']}**" if p["name"] == chosen else p["name"],
                     f"{p['heldout_top1_agreement']:.1f}" if measured else "-",
                     f"{p['latency_ms_p50']:.2f}" if measured else p.get("error", "-"),
-                    f"{fp32[-1] / p['latency_ms_p50']:.2f}x" if measured and fp32 else "-",
+                    f"{p['speedup_vs_fp32']:.2f}x" if measured and p.get("speedup_vs_fp32") else "-",  # own round
                     ("front" if p["on_front"] else "") + (" · chosen" if p["name"] == chosen else ""),
                 ]
             )
         host = front["host"].get("processor", "?")
         parts += [
             f"### {front['model']} on {front['target']} ({front['image_size']} px, {host})",
-            f"Rule: {rule}; {front['heldout_images']} held-out images; FP32 on this runtime {fp32[-1]:.2f} ms p50."
+            f"Rule: {rule}; {front['heldout_images']} held-out images; FP32 on this runtime "
+            f"{', '.join(f'{ms:.2f}' for ms in fp32)} ms p50 (one per timing round; each point's speed-up is "
+            "against the FP32 of its own round)."
             if fp32
             else f"Rule: {rule}; {front['heldout_images']} held-out images.",
             table(["point", "agreement %", "ms p50", "vs fp32", ""], rows),
