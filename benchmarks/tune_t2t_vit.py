@@ -110,7 +110,7 @@ def main() -> None:
 
     # the tuner's held-out images and FP32 PyTorch logits on them (its cached reference)
     builder = tuner.builder
-    ctx = builder._load(loaded.models[0])
+    ctx = builder.load(loaded.models[0])
     source = open_dataset(loaded.data.calibration)
     exported = builder.export(ctx, source)
     calib = calibration_set(source, ctx.loaded.preprocess, 300, 0, builder.cache_dir / "tensors")

@@ -147,7 +147,7 @@ def export(
         }
     )
     builder = Builder(recipe)
-    ctx = builder._load(recipe.models[0])
+    ctx = builder.load(recipe.models[0])
     artifact = builder.export(ctx, open_dataset(calibration))
     check = artifact.manifest["parity"]
     out.print(

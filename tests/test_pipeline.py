@@ -278,7 +278,7 @@ def test_accuracy_aware_build_never_sees_the_validation_set(tmp_path: Path, monk
     val_images = {
         img.tobytes()
         for img in builder._validation_set(  # the preprocessed validation tensor
-            builder._load(builder.recipe.models[0]), _export_artifact(tmp_path), val_set
+            builder.load(builder.recipe.models[0]), _export_artifact(tmp_path), val_set
         ).images
     }
     assert validation == 40 and not {img.tobytes() for img in inputs.heldout} & val_images

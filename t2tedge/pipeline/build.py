@@ -219,11 +219,11 @@ class Builder:
             )
         calibration_source = open_dataset(self.recipe.data.calibration)
         if self._distributed:  # every model's export at once, as tasks
-            ctxs = [self._load(entry) for entry in self.recipe.models]
+            ctxs = [self.load(entry) for entry in self.recipe.models]
             exports = self._export_all(ctxs, calibration_source)
         for position, entry in enumerate(self.recipe.models):
             if not self._distributed:
-                ctx = self._load(entry)
+                ctx = self.load(entry)
                 log(f"[bold]{entry.name}[/] ({ctx.loaded.weights}, {ctx.loaded.image_size}px)")
                 exported = self.export(ctx, calibration_source)
             else:
@@ -298,7 +298,8 @@ class Builder:
             write_json(path, cached)
         return cached[name]
 
-    def _load(self, entry: ModelEntry) -> ModelContext:
+    def load(self, entry: ModelEntry) -> ModelContext:
+        """The recipe entry's model, loaded with its weights (the context every later stage takes)."""
         spec = get_spec(entry.name)
         checkpoint = resolve_weights(entry)
         loaded = load_model(spec, checkpoint, image_size=entry.image_size)
@@ -505,7 +506,7 @@ class Builder:
         name = ctx.loaded.spec.name
         if not availability.can_build:
             raise TargetUnavailableError(f"{target_name} cannot build here: {availability.reason}")
-        plan = self._plan(ctx, exported, target_name, precision, calib)
+        plan = self.plan(ctx, exported, target_name, precision, calib)
         needs_calibration = plan.calib is not None
         started = time.perf_counter()
         artifact, reused = self.compile(ctx, exported, plan, calib)
@@ -543,7 +544,7 @@ class Builder:
         """``build_one`` for every cell of a model, as executor tasks: the missing artifacts compile on
         workers and come back as files the store commits here; then each is validated in shards."""
         name = ctx.loaded.spec.name
-        plans = [self._plan(ctx, exported, target_name, precision, calib) for target_name, precision in cells]
+        plans = [self.plan(ctx, exported, target_name, precision, calib) for target_name, precision in cells]
         todo = [plan for plan in plans if self.store.find(name, plan.target, plan.precision, plan.key) is None]
         export_files = self.executor.share(artifact_payload(exported.path)) if todo else None
         tasks = [
@@ -599,7 +600,7 @@ class Builder:
             )
         return rows
 
-    def _plan(
+    def plan(
         self,
         ctx: ModelContext,
         exported: Artifact,

@@ -200,7 +200,7 @@ class Tuner:
         source = open_dataset(self.recipe.data.calibration)
         results = []
         for entry in self.recipe.models:
-            ctx = self.builder._load(entry)
+            ctx = self.builder.load(entry)
             log(f"[bold]{entry.name}[/] ({ctx.loaded.weights}, {ctx.loaded.image_size}px): tuning")
             exported = self.builder.export(ctx, source)
             cal = self.recipe.calibration
@@ -307,7 +307,7 @@ class Tuner:
 
     def _fp32(self, ctx: ModelContext, exported: Artifact, calib: CalibrationSet, target_name: str) -> dict[str, Any]:
         """The target's FP32 artifact: timed in the same rounds as the candidates, for their speed-up."""
-        plan = self.builder._plan(ctx, exported, target_name, "fp32", calib)
+        plan = self.builder.plan(ctx, exported, target_name, "fp32", calib)
         artifact, reused = self.builder.compile(ctx, exported, plan, calib)
         self.stats["built" if not reused else "reused"] += 1
         return {"artifact": str(artifact.path)}
@@ -322,7 +322,7 @@ class Tuner:
             points.append(point)
             try:
                 config = type(job.base).model_validate({**job.base.model_dump(), **candidate.override})
-                plan = self.builder._plan(job.ctx, job.exported, job.target, "int8", job.calib, config)
+                plan = self.builder.plan(job.ctx, job.exported, job.target, "int8", job.calib, config)
                 log(f"  {job.target}: {candidate.name}")
                 artifact, reused = self.builder.compile(job.ctx, job.exported, plan, job.calib)
             except T2tedgeError as exc:
