@@ -28,6 +28,7 @@ def test_interleaved_rounds_meet_count_and_time() -> None:
         min_seconds=0.05,
         round_iters=5,
         settle_seconds=0,  # the order of calls below: no untimed settling between rounds here
+        round_seconds=0,  # rounds of exactly round_iters
     )
     assert len(times["slow"]) >= 25 and sum(times["slow"]) >= 0.05  # time-bound, not count-bound
     assert len(times["fast"]) >= 10 and sum(times["fast"]) >= 0.05
@@ -55,13 +56,34 @@ def test_iterations_right_after_a_switch_are_not_timed() -> None:
 
     def p50s(settle_seconds: float) -> dict[str, float]:
         runners = {name: runner(name) for name in ("a", "b", "c")}
-        times = time_interleaved(runners, np.zeros(1), 0, 20, 0.0, 4, settle_seconds=settle_seconds)
+        times = time_interleaved(runners, np.zeros(1), 0, 20, 0.0, 4, settle_seconds=settle_seconds, round_seconds=0)
         return {name: summarize(t)["latency_ms_p50"] for name, t in times.items()}
 
     settled = p50s(0.1)
     assert all(ms < 10 for ms in settled.values()), settled
     unsettled = p50s(0)
     assert unsettled["b"] > 15, unsettled
+
+
+def test_settling_is_a_bounded_share_of_a_fast_models_run() -> None:
+    """A round lasts at least round_seconds, so a ~1 ms runner is not switched (and settled) every few
+    iterations: settling 0.05 s per switch, at most ~0.2 / 0.05 + 1 rounds each, not ~0.2 / (4 x 1 ms)."""
+    switches = {"a": 0, "b": 0}
+    last = [""]
+
+    def runner(name: str):  # noqa: ANN202
+        def run(_: np.ndarray) -> None:
+            switches[name] += last[0] != name
+            last[0] = name
+            time.sleep(0.001)
+
+        return run
+
+    times = time_interleaved(
+        {n: runner(n) for n in switches}, np.zeros(1), 0, 4, 0.2, 4, settle_seconds=0.05, round_seconds=0.05
+    )
+    assert all(sum(t) >= 0.2 for t in times.values())
+    assert all(1 <= n <= 5 for n in switches.values()), switches  # 4-iteration rounds alone: ~45 each
 
 
 def test_stored_results_are_reused_only_on_the_same_host(tmp_path, monkeypatch) -> None:  # noqa: ANN001

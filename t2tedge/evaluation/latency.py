@@ -15,6 +15,10 @@ import numpy as np
 # ~60 ms to settle; counted, it made the same artifact 27 % slower or faster depending on its place in
 # the order. Untimed iterations for this long after each switch keep only the steady state.
 SETTLE_SECONDS = 0.1
+# A timed round lasts at least this long, so the settling after each switch stays a small share of the
+# run (<= 20 % at the defaults). With 10-iteration rounds alone, a 0.2 ms MobileNet switched every 2 ms
+# and settled 98 % of the time: the demo's 21-artifact latency pass took 10 min instead of ~30 s.
+ROUND_SECONDS = 0.5
 
 
 def time_interleaved(
@@ -26,13 +30,16 @@ def time_interleaved(
     round_iters: int,
     on_round: Callable[[], None] | None = None,
     settle_seconds: float = SETTLE_SECONDS,
+    round_seconds: float = ROUND_SECONDS,
 ) -> dict[str, list[float]]:
     """Per-iteration latencies (s) of each runner, measured in alternating interleaved rounds.
 
     ``image`` is one input for all runners or one per runner (models of different input sizes).
     Interleaving (and reversing the order every round) makes machine noise hit every variant alike.
     After a switch from another runner, each runs untimed for ``settle_seconds`` (at least once) before
-    its round is timed: what a deployed model alone never pays is not counted (see SETTLE_SECONDS).
+    its round is timed: what a deployed model alone never pays is not counted (see SETTLE_SECONDS). A
+    round is ``round_iters`` iterations and at least ``round_seconds`` of timed running (ROUND_SECONDS),
+    or ``min_seconds`` where that is less.
     """
     inputs = image if isinstance(image, Mapping) else dict.fromkeys(runners, image)
     for key, runner in runners.items():
@@ -40,6 +47,7 @@ def time_interleaved(
             runner(inputs[key])
     times: dict[str, list[float]] = {key: [] for key in runners}
     order = list(runners)
+    round_floor = min(round_seconds, min_seconds)  # a count-bound run (min_seconds 0) keeps count-bound rounds
     rounds = 0
     previous = None
     while any(len(t) < min_iters or sum(t) < min_seconds for t in times.values()):
@@ -53,10 +61,12 @@ def time_interleaved(
                 while time.perf_counter() < settle_until:
                     runner(x)
             previous = key
-            for _ in range(round_iters):
+            done, spent = 0, 0.0
+            while done < round_iters or spent < round_floor:
                 started = time.perf_counter()
                 runner(x)
                 bucket.append(time.perf_counter() - started)
+                done, spent = done + 1, spent + bucket[-1]
         rounds += 1
         if on_round is not None:
             on_round()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -42,7 +43,10 @@ def latency_key(host: str, batch: int, threads: int | None) -> str:
 
 
 def _settings(cfg: BenchmarkConfig) -> dict[str, Any]:
-    return {k: getattr(cfg, k) for k in ("warmup", "min_iters", "min_seconds", "round_iters", "settle_seconds")}
+    return {
+        k: getattr(cfg, k)
+        for k in ("warmup", "min_iters", "min_seconds", "round_iters", "settle_seconds", "round_seconds")
+    }
 
 
 def _set_aside_foreign(artifact: Artifact, key: str, section: str) -> None:
@@ -201,7 +205,8 @@ def _bench_remote(
 def _time(
     runners: dict[str, Any], inputs: dict[str, np.ndarray], cfg: BenchmarkConfig, batch: int, threads: int | None
 ) -> dict[str, list[float]]:
-    estimate = max(cfg.min_seconds, 0.0) * len(runners)
+    rounds = max(1, math.ceil(cfg.min_seconds / cfg.round_seconds)) if cfg.round_seconds > 0 else 1
+    estimate = (max(cfg.min_seconds, 0.0) + rounds * cfg.settle_seconds) * len(runners)  # timed + settling
     log(
         f"  timing {len(runners)} artifacts at batch {batch}, {threads or 'all'} threads "
         f"(interleaved; ≥{cfg.min_iters} iterations and ≥{cfg.min_seconds:g} s each, ~{estimate:.0f} s)"
@@ -215,7 +220,15 @@ def _time(
             clock[0] = now
 
         return time_interleaved(
-            runners, inputs, cfg.warmup, cfg.min_iters, cfg.min_seconds, cfg.round_iters, on_round, cfg.settle_seconds
+            runners,
+            inputs,
+            cfg.warmup,
+            cfg.min_iters,
+            cfg.min_seconds,
+            cfg.round_iters,
+            on_round,
+            cfg.settle_seconds,
+            cfg.round_seconds,
         )
 
 

@@ -12,7 +12,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from t2tedge.errors import RecipeError
-from t2tedge.evaluation.latency import SETTLE_SECONDS
+from t2tedge.evaluation.latency import ROUND_SECONDS, SETTLE_SECONDS
 from t2tedge.targets.base import TargetConfig
 
 BUNDLED_RECIPES = Path(__file__).resolve().parent.parent / "recipes"
@@ -105,6 +105,9 @@ class BenchmarkConfig(_Strict):
     round_iters: int = Field(10, gt=0, description="iterations per artifact per interleaved round")
     settle_seconds: float = Field(
         SETTLE_SECONDS, ge=0, description="untimed running after each switch between artifacts (steady state only)"
+    )
+    round_seconds: float = Field(
+        ROUND_SECONDS, ge=0, description="and at least this much timed running per round (bounds the settling's share)"
     )
     batch_sizes: list[int] = Field(default_factory=lambda: [1], min_length=1)
     threads: list[int | None] = Field(

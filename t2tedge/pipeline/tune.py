@@ -186,6 +186,7 @@ class Tuner:
             min_seconds=self.cfg.seconds,
             round_iters=recipe.benchmark.round_iters,
             settle_seconds=recipe.benchmark.settle_seconds,
+            round_seconds=recipe.benchmark.round_seconds,
             batch_sizes=[1],
             threads=[recipe.benchmark.threads[0]],
             efficiency=False,
