@@ -49,7 +49,9 @@ def test_latency_is_measured_where_the_runtime_runs_and_labelled_elsewhere(build
     ort = by["t2t_vit_7", "onnxruntime", "int8"].latency["local/b1-t1"]
     assert ort["label"] == "measured" and ort["iterations"] >= 20 and ort["batch"] == 1
     assert ort["latency_ms_min"] <= ort["latency_ms_p50"] <= ort["latency_ms_p90"] <= ort["latency_ms_p99"]
-    assert ort["throughput_ips"] == pytest.approx(1000.0 / ort["latency_ms_mean"], rel=1e-3)
+    # the mean is stored rounded to 0.001 ms: at ~0.3 ms that alone moves 1000 / mean by up to 0.17 %
+    rounding = 0.0005 / ort["latency_ms_mean"]
+    assert ort["throughput_ips"] == pytest.approx(1000.0 / ort["latency_ms_mean"], rel=1e-3 + rounding)
     assert {"avx2", "fma"} & set(ort["host_info"]["isa"]) or ort["host_info"]["machine"] != "x86_64"
     assert ort["host_info"]["versions"]["onnxruntime"]
     # efficiency: counted MACs over p50, against this host's INT8 GEMM peak through onnxruntime
