@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -76,6 +77,7 @@ class Point:
     top1: float | None = None
     latency_ms: float | None = None  # p50, batch 1
     fp32_latency_ms: float | None = None  # the target's FP32 build, p50 in the same interleaved round
+    fp32_round: str | None = None  # which round that was (points timed together share it)
     error: str | None = None
     front: bool = False
 
@@ -187,6 +189,7 @@ class Tuner:
             round_iters=recipe.benchmark.round_iters,
             settle_seconds=recipe.benchmark.settle_seconds,
             round_seconds=recipe.benchmark.round_seconds,
+            steady_ratio=recipe.benchmark.steady_ratio,
             batch_sizes=[1],
             threads=[recipe.benchmark.threads[0]],
             efficiency=False,
@@ -366,13 +369,14 @@ class Tuner:
         stored = [p for p in points if id(p) in reused]
         fresh = [p for p in points if id(p) not in reused]
         by_path = timed([Path(p.artifact) for p in stored], False) if stored else {}
-        fp32_ms = None
+        fp32_ms, round_id = None, None
         if fresh:
             this_round = timed([Path(p.artifact) for p in fresh] + [Path(fp32["artifact"])], True)
             record = this_round.pop(fp32["artifact"], {})
             by_path.update(this_round)
             if record.get("label") == MEASURED:
                 fp32_ms = record["latency_ms_p50"]
+                round_id = uuid.uuid4().hex[:12]
         for point in points:
             record = by_path.get(point.artifact, {})
             if record.get("label") != MEASURED:
@@ -382,11 +386,13 @@ class Tuner:
             point.latency_ms = record["latency_ms_p50"]
             if id(point) in reused:  # the FP32 latency of its own round, stored beside its timing
                 point.fp32_latency_ms = record.get("fp32_latency_ms_p50")
+                point.fp32_round = record.get("fp32_round")
             elif fp32_ms is not None:
-                point.fp32_latency_ms = fp32_ms
+                point.fp32_latency_ms, point.fp32_round = fp32_ms, round_id
                 artifact = Artifact(Path(point.artifact))
                 own = artifact.manifest[TIMING_SECTION][record["key"]]
-                artifact.update_manifest(**{TIMING_SECTION: {record["key"]: {**own, "fp32_latency_ms_p50": fp32_ms}}})
+                fp32_of_round = {"fp32_latency_ms_p50": fp32_ms, "fp32_round": round_id}
+                artifact.update_manifest(**{TIMING_SECTION: {record["key"]: {**own, **fp32_of_round}}})
 
     # ---- output ------------------------------------------------------------------------------------------
 
@@ -395,7 +401,8 @@ class Tuner:
         name = ctx.loaded.spec.name
         # FP32's p50 in each round a point was timed in, from the points themselves: a rerun that times
         # nothing reports the same rounds as the run that timed them
-        fp32_ms = list(dict.fromkeys(p.fp32_latency_ms for p in points if p.fp32_latency_ms is not None))
+        rounds = {p.fp32_round or p.fp32_latency_ms: p.fp32_latency_ms for p in points if p.fp32_latency_ms}
+        fp32_ms = list(rounds.values())
         speedup = chosen.speedup_vs_fp32 if chosen else None
         rule = (
             {"max_top1_drop": self.cfg.max_top1_drop}
