@@ -86,6 +86,46 @@ def test_settling_is_a_bounded_share_of_a_fast_models_run() -> None:
     assert all(1 <= n <= 5 for n in switches.values()), switches  # 4-iteration rounds alone: ~45 each
 
 
+def test_rounds_from_a_slow_spell_of_the_host_are_set_aside_and_timed_again() -> None:
+    """The host runs 2x slower for a while (as our 2-vCPU VMs do for seconds to minutes): rounds in that
+    spell are set aside, the artifact is timed again, and the record says how many rounds were dropped."""
+    start = time.perf_counter()
+
+    def runner(_: np.ndarray) -> None:
+        spell = 0.05 < time.perf_counter() - start < 0.25
+        time.sleep(0.004 if spell else 0.002)
+
+    def fast(_: np.ndarray) -> None:
+        time.sleep(0.001)
+
+    rounds: dict[str, dict] = {}
+    times = time_interleaved(
+        {"a": runner, "b": fast}, np.zeros(1), 0, 10, 0.2, 5, settle_seconds=0, round_seconds=0, rounds_out=rounds
+    )
+    a = rounds["a"]
+    assert a["steady"] and a["rounds_set_aside"] >= 3 and a["iterations_kept"] == len(times["a"])
+    assert summarize(times["a"])["latency_ms_p90"] < 3.5  # only rounds outside the spell (a third ran 4 ms)
+    assert sum(times["a"]) >= 0.2 and rounds["b"]["rounds_set_aside"] == 0
+
+
+def test_a_host_that_never_settles_counts_every_round_and_says_so() -> None:
+    """Each round slower than the last: no steady share ever suffices, so after PATIENCE x the time it
+    needed every round counts, and ``steady: false`` says the number mixes speeds."""
+    calls = [0]
+
+    def slowing(_: np.ndarray) -> None:
+        calls[0] += 1
+        time.sleep(0.001 * 1.5 ** (calls[0] // 5))  # 1.5x slower every round of 5
+
+    rounds: dict[str, dict] = {}
+    times = time_interleaved({"a": slowing}, np.zeros(1), 0, 10, 0.0, 5, settle_seconds=0, rounds_out=rounds)
+    assert rounds["a"]["steady"] is False and rounds["a"]["rounds_set_aside"] == 0
+    assert len(times["a"]) == rounds["a"]["iterations_kept"] == 5 * rounds["a"]["rounds"] > 10
+    # with the filter off every round counts from the start
+    plain = time_interleaved({"a": slowing}, np.zeros(1), 0, 10, 0.0, 5, settle_seconds=0, steady_ratio=None)
+    assert len(plain["a"]) == 10
+
+
 def test_stored_results_are_reused_only_on_the_same_host(tmp_path, monkeypatch) -> None:  # noqa: ANN001
     import json
 

@@ -45,7 +45,15 @@ def latency_key(host: str, batch: int, threads: int | None) -> str:
 def _settings(cfg: BenchmarkConfig) -> dict[str, Any]:
     return {
         k: getattr(cfg, k)
-        for k in ("warmup", "min_iters", "min_seconds", "round_iters", "settle_seconds", "round_seconds")
+        for k in (
+            "warmup",
+            "min_iters",
+            "min_seconds",
+            "round_iters",
+            "settle_seconds",
+            "round_seconds",
+            "steady_ratio",
+        )
     }
 
 
@@ -147,10 +155,13 @@ def bench_artifacts(
 
                 log(f"  measuring this host's peak GEMM rate ({threads or 'all'} threads)")
                 peaks[threads] = peak_gmacs(threads)
-            times = _time(runners, inputs, cfg, batch, threads)
+            rounds: dict[str, dict[str, Any]] = {}
+            times = _time(runners, inputs, cfg, batch, threads, rounds)
+            _say_unsteady(rounds)
             for name, (artifact, record) in pending.items():
                 manifest = artifact.manifest
                 record.update(summarize(times[name], batch))
+                record["rounds"] = rounds[name]
                 _efficiency(record, manifest, peaks.get(threads))
                 artifact.update_manifest(**{section: {key: record}})
                 records.append(_record(manifest, artifact, key, record, reused=False))
@@ -202,11 +213,33 @@ def _bench_remote(
     return records
 
 
+def _say_unsteady(rounds: dict[str, dict[str, Any]]) -> None:
+    """One line when the host's speed changed during the run (rounds set aside, or never steady)."""
+    set_aside = sum(r["rounds_set_aside"] for r in rounds.values())
+    unsteady = [name for name, r in rounds.items() if not r["steady"]]
+    if set_aside:
+        total = sum(r["rounds"] for r in rounds.values())
+        log(
+            f"  [yellow]the host's speed changed while timing[/]: {set_aside} of {total} rounds ran slower than "
+            f"{next(iter(rounds.values()))['steady_ratio']}x their artifact's best and were timed again"
+        )
+    if unsteady:
+        log(
+            f"  [yellow]{len(unsteady)} artifact(s) never ran steadily[/]: their p50 counts every round "
+            "(`rounds.steady: false` in the record); rerun `bench --force` when the host is quiet"
+        )
+
+
 def _time(
-    runners: dict[str, Any], inputs: dict[str, np.ndarray], cfg: BenchmarkConfig, batch: int, threads: int | None
+    runners: dict[str, Any],
+    inputs: dict[str, np.ndarray],
+    cfg: BenchmarkConfig,
+    batch: int,
+    threads: int | None,
+    rounds: dict[str, dict[str, Any]],
 ) -> dict[str, list[float]]:
-    rounds = max(1, math.ceil(cfg.min_seconds / cfg.round_seconds)) if cfg.round_seconds > 0 else 1
-    estimate = (max(cfg.min_seconds, 0.0) + rounds * cfg.settle_seconds) * len(runners)  # timed + settling
+    planned = max(1, math.ceil(cfg.min_seconds / cfg.round_seconds)) if cfg.round_seconds > 0 else 1
+    estimate = (max(cfg.min_seconds, 0.0) + planned * cfg.settle_seconds) * len(runners)  # timed + settling
     log(
         f"  timing {len(runners)} artifacts at batch {batch}, {threads or 'all'} threads "
         f"(interleaved; ≥{cfg.min_iters} iterations and ≥{cfg.min_seconds:g} s each, ~{estimate:.0f} s)"
@@ -220,16 +253,9 @@ def _time(
             clock[0] = now
 
         return time_interleaved(
-            runners,
-            inputs,
-            cfg.warmup,
-            cfg.min_iters,
-            cfg.min_seconds,
-            cfg.round_iters,
-            on_round,
-            cfg.settle_seconds,
-            cfg.round_seconds,
-        )
+            runners, inputs, cfg.warmup, cfg.min_iters, cfg.min_seconds, cfg.round_iters, on_round,
+            cfg.settle_seconds, cfg.round_seconds, cfg.steady_ratio, rounds,
+        )  # fmt: skip
 
 
 def _prepare(

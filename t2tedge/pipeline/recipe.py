@@ -12,7 +12,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from t2tedge.errors import RecipeError
-from t2tedge.evaluation.latency import ROUND_SECONDS, SETTLE_SECONDS
+from t2tedge.evaluation.latency import ROUND_SECONDS, SETTLE_SECONDS, STEADY_RATIO
 from t2tedge.targets.base import TargetConfig
 
 BUNDLED_RECIPES = Path(__file__).resolve().parent.parent / "recipes"
@@ -108,6 +108,12 @@ class BenchmarkConfig(_Strict):
     )
     round_seconds: float = Field(
         ROUND_SECONDS, ge=0, description="and at least this much timed running per round (bounds the settling's share)"
+    )
+    steady_ratio: float | None = Field(
+        STEADY_RATIO,
+        gt=1.0,
+        description="a round slower than this x its artifact's best round is set aside and timed again "
+        "(the host changed speed); null: every round counts",
     )
     batch_sizes: list[int] = Field(default_factory=lambda: [1], min_length=1)
     threads: list[int | None] = Field(
