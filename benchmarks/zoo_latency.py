@@ -33,7 +33,7 @@ from t2tedge.calibration import select_indices
 from t2tedge.data.cache import preprocess
 from t2tedge.data.datasets import open_dataset
 from t2tedge.evaluation.host import host_info
-from t2tedge.evaluation.latency import summarize, time_interleaved
+from t2tedge.evaluation.latency import ROUND_SECONDS, SETTLE_SECONDS, STEADY_RATIO, summarize, time_interleaved
 from t2tedge.evaluation.peak import peak_gmacs
 from t2tedge.models import get_spec, graph_form
 from t2tedge.models.conditioning import well_conditioned
@@ -104,13 +104,17 @@ def time_model(
     runners = {}
     for key, build in builds.items():
         runners[key] = get_target(key.split("/")[0]).load(Artifact(build["dir"]), args.threads)
-    times = time_interleaved(runners, image, args.warmup, args.min_iters, args.min_seconds, args.round_iters)
+    rounds: dict[str, dict[str, Any]] = {}
+    times = time_interleaved(
+        runners, image, args.warmup, args.min_iters, args.min_seconds, args.round_iters, rounds_out=rounds
+    )
     rows: dict[str, Any] = {}
     for key, runner in runners.items():
         target_name, precision = key.split("/")
         # what the runtime really used (OpenVINO: the precision the plugin ran in)
         record: dict[str, Any] = {"batch": args.batch, "threads": args.threads, "runtime": runner.runtime_facts}
         record.update(summarize(times[key], args.batch))
+        record["rounds"] = rounds[key]  # slow-host rounds set aside (STEADY_RATIO)
         manifest = {
             "model": name,
             "target": target_name,
@@ -214,6 +218,9 @@ def main() -> None:
             "min_iters": args.min_iters,
             "min_seconds": args.min_seconds,
             "round_iters": args.round_iters,
+            "settle_seconds": SETTLE_SECONDS,
+            "round_seconds": ROUND_SECONDS,
+            "steady_ratio": STEADY_RATIO,
             "timing": "the variants of a model interleaved (time_interleaved), direction alternating per round",
             "weights": "random, well_conditioned (BatchNorm re-estimated, residual branches damped)",
             "calibration_images": len(calib_indices),
