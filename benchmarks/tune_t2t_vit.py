@@ -149,6 +149,7 @@ def main() -> None:
             plain = core.compile_model(core.read_model(str(xml)), DEVICE, compile_properties(None, args.threads))
             add("openvino int8 (plain nncf.quantize)", lambda x, c=plain: c(x)[0])
 
+    rounds: dict[str, dict[str, Any]] = {}
     timings = time_interleaved(
         runners,
         image,
@@ -156,8 +157,12 @@ def main() -> None:
         min_iters=args.min_iters,
         min_seconds=args.min_seconds,
         round_iters=20,
+        rounds_out=rounds,  # slow-host rounds set aside (STEADY_RATIO)
     )
-    rows = {name: {**summarize(ms, 1), "vs_fp32_torch": fidelity[name]} for name, ms in timings.items()}
+    rows = {
+        name: {**summarize(ms, 1), "rounds": rounds[name], "vs_fp32_torch": fidelity[name]}
+        for name, ms in timings.items()
+    }
 
     def p50(prefix: str) -> float | None:
         return next((r["latency_ms_p50"] for n, r in rows.items() if n.startswith(prefix)), None)
