@@ -38,10 +38,23 @@ class RoundLog:
 
     rounds: list[list[float]] = field(default_factory=list)
     medians: list[float] = field(default_factory=list)
+    sums: list[float] = field(default_factory=list)
 
     def add(self, times: list[float]) -> None:
         self.rounds.append(times)
         self.medians.append(float(np.median(times)))
+        self.sums.append(sum(times))
+
+    def totals(self, ratio: float | None) -> tuple[int, float, int, float]:
+        """(iterations, seconds) of the steady rounds, then of all rounds, from per-round sums (cheap)."""
+        limit = ratio * min(self.medians) if ratio and self.medians else float("inf")
+        steady = [i for i, m in enumerate(self.medians) if m <= limit]
+        return (
+            sum(len(self.rounds[i]) for i in steady),
+            sum(self.sums[i] for i in steady),
+            sum(len(r) for r in self.rounds),
+            sum(self.sums),
+        )
 
     def all_times(self) -> list[float]:
         return [t for r in self.rounds for t in r]
@@ -98,14 +111,19 @@ def time_interleaved(
     order = list(runners)
     round_floor = min(round_seconds, min_seconds)  # a count-bound run (min_seconds 0) keeps count-bound rounds
 
-    def enough(times: list[float]) -> bool:
-        return len(times) >= min_iters and sum(times) >= min_seconds
+    def enough(iterations: int, seconds: float) -> bool:
+        return iterations >= min_iters and seconds >= min_seconds
 
     def finished(key: str) -> bool:
-        if enough(logs[key].steady_times(steady_ratio)):
+        log = logs[key]
+        if not log.rounds:
+            return False
+        steady_n, steady_s, all_n, all_s = log.totals(steady_ratio)
+        if enough(steady_n, steady_s):
             return True
-        every = logs[key].all_times()  # out of patience: PATIENCE x what it needed, steady or not
-        return enough(every) and sum(every) >= PATIENCE * max(min_seconds, min_iters * float(np.median(every)))
+        # out of patience: PATIENCE x what it needed (at its typical round's speed), steady or not
+        needed = max(min_seconds, min_iters * float(np.median(log.medians)))
+        return enough(all_n, all_s) and all_s >= PATIENCE * needed
 
     rounds = 0
     previous = None
@@ -133,7 +151,7 @@ def time_interleaved(
             on_round()
     times = {}
     for key, log in logs.items():
-        steady = enough(log.steady_times(steady_ratio))
+        steady = bool(log.rounds) and enough(*log.totals(steady_ratio)[:2])
         times[key] = log.steady_times(steady_ratio) if steady else log.all_times()
         if rounds_out is not None:
             rounds_out[key] = log.summary(steady_ratio, steady)
