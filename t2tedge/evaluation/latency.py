@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,37 +45,26 @@ class RoundLog:
         self.medians.append(float(np.median(times)))
         self.sums.append(sum(times))
 
-    def totals(self, ratio: float | None) -> tuple[int, float, int, float]:
-        """(iterations, seconds) of the steady rounds, then of all rounds, from per-round sums (cheap)."""
+    def steady_rounds(self, ratio: float | None) -> list[int]:
+        """Indices of the rounds whose median is within ``ratio`` x the best round's (all: ratio None)."""
         limit = ratio * min(self.medians) if ratio and self.medians else float("inf")
-        steady = [i for i, m in enumerate(self.medians) if m <= limit]
-        return (
-            sum(len(self.rounds[i]) for i in steady),
-            sum(self.sums[i] for i in steady),
-            sum(len(r) for r in self.rounds),
-            sum(self.sums),
-        )
+        return [i for i, m in enumerate(self.medians) if m <= limit]
 
-    def all_times(self) -> list[float]:
-        return [t for r in self.rounds for t in r]
+    def totals(self, rounds: Sequence[int]) -> tuple[int, float]:
+        """(iterations, seconds) of these rounds, from per-round sums (cheap)."""
+        return sum(len(self.rounds[i]) for i in rounds), sum(self.sums[i] for i in rounds)
 
-    def steady_times(self, ratio: float | None) -> list[float]:
-        if not ratio or not self.rounds:
-            return self.all_times()
-        limit = ratio * min(self.medians)
-        return [t for r, m in zip(self.rounds, self.medians, strict=True) if m <= limit for t in r]
+    def times(self, rounds: Sequence[int]) -> list[float]:
+        return [t for i in rounds for t in self.rounds[i]]
 
-    def summary(self, ratio: float | None, steady: bool) -> dict[str, Any]:
+    def summary(self, kept: list[int], steady: bool) -> dict[str, Any]:
         """What the record keeps about the rounds: how many, how many were set aside, the p50 of all."""
-        kept = len(self.steady_times(ratio)) if steady else len(self.all_times())
-        set_aside = sum(1 for m in self.medians if ratio and m > ratio * min(self.medians)) if steady else 0
         return {
             "rounds": len(self.rounds),
-            "rounds_set_aside": set_aside,
-            "steady_ratio": ratio,
+            "rounds_set_aside": len(self.rounds) - len(kept),
             "steady": steady,  # False: not enough steady rounds within the patience; every round counted
-            "iterations_kept": kept,
-            "latency_ms_p50_all_rounds": round(float(np.median(self.all_times())) * 1000.0, 3),
+            "iterations_kept": self.totals(kept)[0],
+            "latency_ms_p50_all_rounds": round(float(np.median(self.times(range(len(self.rounds))))) * 1000.0, 3),
         }
 
 
@@ -114,14 +103,15 @@ def time_interleaved(
     def enough(iterations: int, seconds: float) -> bool:
         return iterations >= min_iters and seconds >= min_seconds
 
+    def steady(log: RoundLog) -> bool:
+        return bool(log.rounds) and enough(*log.totals(log.steady_rounds(steady_ratio)))
+
     def finished(key: str) -> bool:
         log = logs[key]
-        if not log.rounds:
-            return False
-        steady_n, steady_s, all_n, all_s = log.totals(steady_ratio)
-        if enough(steady_n, steady_s):
-            return True
+        if not log.rounds or steady(log):
+            return bool(log.rounds)
         # out of patience: PATIENCE x what it needed (at its typical round's speed), steady or not
+        all_n, all_s = log.totals(log.steady_rounds(None))
         needed = max(min_seconds, min_iters * float(np.median(log.medians)))
         return enough(all_n, all_s) and all_s >= PATIENCE * needed
 
@@ -151,10 +141,11 @@ def time_interleaved(
             on_round()
     times = {}
     for key, log in logs.items():
-        steady = bool(log.rounds) and enough(*log.totals(steady_ratio)[:2])
-        times[key] = log.steady_times(steady_ratio) if steady else log.all_times()
+        ran_steadily = steady(log)
+        kept = log.steady_rounds(steady_ratio if ran_steadily else None)  # never steady: every round counts
+        times[key] = log.times(kept)
         if rounds_out is not None:
-            rounds_out[key] = log.summary(steady_ratio, steady)
+            rounds_out[key] = {**log.summary(kept, ran_steadily), "steady_ratio": steady_ratio}
     return times
 
 

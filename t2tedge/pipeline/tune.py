@@ -43,7 +43,7 @@ from t2tedge.evaluation.accuracy import MEASURED
 from t2tedge.evaluation.host import host_info
 from t2tedge.pipeline.build import Builder, ModelContext
 from t2tedge.pipeline.export import torch_logits
-from t2tedge.pipeline.recipe import BenchmarkConfig, Recipe
+from t2tedge.pipeline.recipe import Recipe
 from t2tedge.pipeline.store import Artifact
 from t2tedge.pipeline.validate import run_validation, store_validation, stored_validation
 from t2tedge.progress import log
@@ -182,17 +182,16 @@ class Tuner:
             if not availability.can_run:
                 raise T2tedgeError(f"{name} cannot run here, so its candidates cannot be timed: {availability.reason}")
         self.out_dir = Path(recipe.output_dir) / "tune"
-        self.bench_cfg = BenchmarkConfig(
-            warmup=recipe.benchmark.warmup,
-            min_iters=min(recipe.benchmark.min_iters, 50),
-            min_seconds=self.cfg.seconds,
-            round_iters=recipe.benchmark.round_iters,
-            settle_seconds=recipe.benchmark.settle_seconds,
-            round_seconds=recipe.benchmark.round_seconds,
-            steady_ratio=recipe.benchmark.steady_ratio,
-            batch_sizes=[1],
-            threads=[recipe.benchmark.threads[0]],
-            efficiency=False,
+        # the recipe's timing settings (settling, rounds, ...), shortened to tune's own budget
+        self.bench_cfg = recipe.benchmark.model_copy(
+            update={
+                "enabled": True,
+                "min_iters": min(recipe.benchmark.min_iters, 50),
+                "min_seconds": self.cfg.seconds,
+                "batch_sizes": [1],
+                "threads": [recipe.benchmark.threads[0]],
+                "efficiency": False,
+            }
         )
         self.stats = {"built": 0, "scored": 0, "timed": 0, "reused": 0}
         self.reference_top1 = float("nan")  # FP32 PyTorch top-1 on the held-out split of the model being tuned
